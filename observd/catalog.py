@@ -1,0 +1,270 @@
+"""The SQLite catalog: every frame seen, every decision and why.
+
+This is the one module that speaks SQL. The schema lives in ``MIGRATIONS``: each entry
+takes the database from version i to i+1 and the version is kept in
+``PRAGMA user_version``, so an old catalog is upgraded in place on open and a catalog
+from a newer observd is refused rather than damaged. WAL mode lets the dome page and
+``observd status`` read while the pipeline worker writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+__all__ = ["Catalog", "CatalogError", "SCHEMA_VERSION", "utcnow"]
+
+
+class CatalogError(RuntimeError):
+    """The catalog cannot be opened or is from an incompatible observd."""
+
+
+def utcnow() -> str:
+    """UTC now as ISO 8601 with microseconds: the catalog's only time format."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["frames"].create(
+        {
+            "id": int,
+            "path": str,
+            "size": int,
+            "mtime_ns": int,
+            "sha256": str,
+            "first_seen": str,
+            "updated": str,
+            "status": str,
+            "reason": str,
+            "duplicate_of": int,
+            # the normalised header (headers.FrameInfo)
+            "type": str,
+            "filter": str,
+            "exptime": float,
+            "target": str,
+            "target_slug": str,
+            "date_obs": str,
+            "night": str,
+            "setup": str,
+            "binning": str,
+            "gain": float,
+            "offset": float,
+            "readout": str,
+            "set_temp": float,
+            "ccd_temp": float,
+            "nx": int,
+            "ny": int,
+            "bayer": str,
+            "telescope": str,
+            "instrument": str,
+            "calstat": str,
+            "has_wcs": int,
+            "problems": str,  # JSON list of header problems
+            "sources": str,  # JSON: where each fact came from
+        },
+        pk="id",
+        not_null=["path", "first_seen", "updated", "status"],
+        foreign_keys=[("duplicate_of", "frames", "id")],
+    )
+    db["frames"].create_index(["path"], unique=True)
+    db["frames"].create_index(["sha256"])
+    db["frames"].create_index(["night", "type"])
+    db["frames"].create_index(["status"])
+    db["events"].create(
+        {
+            "id": int,
+            "time": str,
+            "frame_id": int,
+            "stage": str,  # who decided
+            "action": str,  # what was decided
+            "reason": str,  # why
+            "details": str,  # JSON, numbers behind the decision
+        },
+        pk="id",
+        not_null=["time", "stage", "action"],
+        foreign_keys=[("frame_id", "frames", "id")],
+    )
+    db["events"].create_index(["frame_id"])
+    db["events"].create_index(["time"])
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Frame columns that hold JSON text.
+_JSON_COLUMNS = ("problems", "sources")
+
+
+class Catalog:
+    """Read and write the catalog.
+
+    One pipeline worker writes; any number of readers (``observd status``, the dome
+    page, the summary) may open the same file at the same time.
+
+    Parameters
+    ----------
+    path
+        The SQLite file; its folder is created when missing.
+    readonly
+        Open for reading only (never creates or migrates).
+    """
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly:
+            if not self.path.exists():
+                raise CatalogError(f"catalog {self.path} does not exist yet")
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+        else:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, timeout=30)
+            except (OSError, sqlite3.Error) as exc:
+                raise CatalogError(f"cannot open catalog {self.path}: {exc}") from exc
+        conn.execute("PRAGMA busy_timeout = 30000")
+        self.db = sqlite_utils.Database(conn)
+        self.readonly = readonly
+        if not readonly:
+            self.db.enable_wal()
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        self._migrate()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise CatalogError(
+                f"catalog {self.path} has schema version {version}, newer than this "
+                f"observd understands ({SCHEMA_VERSION}); upgrade observd"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        if self.readonly:
+            raise CatalogError(
+                f"catalog {self.path} needs migration from schema {version} to "
+                f"{SCHEMA_VERSION}; open it once with a writing observd command"
+            )
+        for target in range(version, SCHEMA_VERSION):
+            with self.db.conn:
+                MIGRATIONS[target](self.db)
+                self.db.execute(f"PRAGMA user_version = {target + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes so that a crash leaves all of them or none."""
+        with self.db.conn:
+            yield
+
+    # -- frames --------------------------------------------------------------------
+
+    def frame_by_path(self, path: str | Path) -> dict[str, Any] | None:
+        rows = list(self.db["frames"].rows_where("path = ?", [str(path)], limit=1))
+        return _decode(rows[0]) if rows else None
+
+    def frame(self, frame_id: int) -> dict[str, Any]:
+        return _decode(self.db["frames"].get(frame_id))
+
+    def first_with_hash(self, sha256: str, *, exclude_id: int | None = None) -> dict | None:
+        """The earliest recorded frame with this content (the original of a duplicate)."""
+        where, args = "sha256 = ?", [sha256]
+        if exclude_id is not None:
+            where += " and id != ?"
+            args.append(exclude_id)
+        rows = list(self.db["frames"].rows_where(where, args, order_by="id", limit=1))
+        return _decode(rows[0]) if rows else None
+
+    def insert_frame(self, row: Mapping[str, Any]) -> int:
+        """Record a new file; returns its id."""
+        now = utcnow()
+        record = {"first_seen": now, "updated": now, **_encode(row)}
+        return int(self.db["frames"].insert(record).last_pk)
+
+    def update_frame(self, frame_id: int, changes: Mapping[str, Any]) -> None:
+        self.db["frames"].update(frame_id, {**_encode(changes), "updated": utcnow()})
+
+    def frames(
+        self,
+        where: str | None = None,
+        args: Sequence[Any] | Mapping[str, Any] | None = None,
+        *,
+        order_by: str = "coalesce(date_obs, first_seen), id",
+    ) -> list[dict[str, Any]]:
+        """Frames matching an SQL condition, in observing order."""
+        return [_decode(r) for r in self.db["frames"].rows_where(where, args, order_by=order_by)]
+
+    def nights(self) -> list[str]:
+        rows = self.db.execute(
+            "select distinct night from frames where night is not null order by night"
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    # -- events --------------------------------------------------------------------
+
+    def log_event(
+        self,
+        stage: str,
+        action: str,
+        reason: str | None = None,
+        *,
+        frame_id: int | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record one decision: who (stage), what (action), why (reason)."""
+        self.db["events"].insert(
+            {
+                "time": utcnow(),
+                "frame_id": frame_id,
+                "stage": stage,
+                "action": action,
+                "reason": reason,
+                "details": json.dumps(details, default=str) if details else None,
+            }
+        )
+
+    def events(self, frame_id: int | None = None) -> list[dict[str, Any]]:
+        if frame_id is None:
+            rows = self.db["events"].rows_where(order_by="id")
+        else:
+            rows = self.db["events"].rows_where("frame_id = ?", [frame_id], order_by="id")
+        return list(rows)
+
+    def integrity_ok(self) -> bool:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _encode(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    for key in _JSON_COLUMNS:
+        if key in out and out[key] is not None and not isinstance(out[key], str):
+            out[key] = json.dumps(out[key], default=str)
+    return out
+
+
+def _decode(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    for key in _JSON_COLUMNS:
+        if isinstance(out.get(key), str):
+            out[key] = json.loads(out[key])
+    return out
