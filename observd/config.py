@@ -310,7 +310,8 @@ def _check_semantics(config: Config, where: str) -> None:
     seen: dict[str, str] = {}
     for canonical, aliases in config.headers.filter_aliases.items():
         for name in (canonical, *aliases):
-            other = seen.setdefault(name.casefold(), canonical)
+            # as in headers.describe: one-letter names are case-sensitive (Sloan r vs R)
+            other = seen.setdefault(name if len(name) == 1 else name.casefold(), canonical)
             if other != canonical:
                 raise ConfigError(
                     f"{where}: headers.filter_aliases: {name!r} is listed for both "

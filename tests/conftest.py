@@ -18,7 +18,13 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def write_config(folder: Path, *, incoming: str = "camera", extra: str = "") -> Path:
+def write_config(
+    folder: Path,
+    *,
+    incoming: str = "camera",
+    timezone: str = "America/Los_Angeles",
+    extra: str = "",
+) -> Path:
     """A config file in ``folder`` whose catalog and products live there too."""
     path = folder / "observd.toml"
     path.write_text(
@@ -27,7 +33,7 @@ def write_config(folder: Path, *, incoming: str = "camera", extra: str = "") -> 
         'products = "products"\n'
         'catalog = "observd.sqlite"\n'
         "[site]\n"
-        'timezone = "America/Los_Angeles"\n' + extra,
+        f'timezone = "{timezone}"\n' + extra,
         encoding="utf-8",
     )
     return path

@@ -19,7 +19,12 @@ def test_new_catalog_has_schema_wal_and_tables(tmp_path):
 def test_frames_and_events_round_trip(tmp_path):
     with Catalog(tmp_path / "o.sqlite") as cat:
         fid = cat.insert_frame(
-            {"path": "/a.fits", "status": "recorded", "problems": ["x"], "sources": {"type": "IMAGETYP"}}
+            {
+                "path": "/a.fits",
+                "status": "recorded",
+                "problems": ["x"],
+                "sources": {"type": "IMAGETYP"},
+            }
         )
         cat.log_event("ingest", "recorded", None, frame_id=fid, details={"n": 1})
         cat.update_frame(fid, {"status": "rejected", "reason": "why"})

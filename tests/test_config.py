@@ -44,13 +44,14 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path):
         ("[pathz]\n", "unknown key 'pathz'"),
         ('[web]\nport = "8470"\n', "web.port must be an integer, got a string ('8470')"),
         ("[web]\nport = 70000\n", "web.port must be within 1..65535"),
-        ("[site]\ntimezone = \"Mars/Olympus\"\n", "site.timezone must be an IANA timezone"),
+        ('[site]\ntimezone = "Mars/Olympus"\n', "site.timezone must be an IANA timezone"),
         ("[site]\nlatitude = 123.0\n", "site.latitude must be within -90..90"),
-        ("[watch]\nmode = \"fast\"\n", "watch.mode must be one of 'auto', 'inotify', 'polling'"),
+        ('[watch]\nmode = "fast"\n', "watch.mode must be one of 'auto', 'inotify', 'polling'"),
         ("[watch]\nsettle_seconds = true\n", "watch.settle_seconds must be a number"),
         ("[paths]\nincoming = [3]\n", "paths.incoming[0] must be a path"),
         ("paths = 3\n", "[paths] must be a table"),
-        ("[headers.filter_aliases]\nR = [\"Red\"]\nV = [\"red\"]\n", "'red' is listed for both"),
+        ('[headers.filter_aliases]\nR = ["Red"]\nV = ["red"]\n', "'red' is listed for both"),
+        ('[headers.filter_aliases]\nR = ["Rc"]\nV = ["rc"]\n', "'rc' is listed for both"),
         ("[web\n", "not valid TOML"),
     ],
 )
@@ -103,3 +104,9 @@ def test_cli_bad_config_exits_nonzero_with_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "web.port must be an integer" in err
+
+
+def test_one_letter_filters_differing_in_case_are_distinct(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[headers.filter_aliases]\nR = ["Red"]\n"r\'" = ["r", "rp"]\n')
+    assert load_config(path).headers.filter_aliases["r'"] == ("r", "rp")

@@ -1,0 +1,215 @@
+"""The ``observd`` command line: thin wrappers that parse arguments and call the modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from loguru import logger
+from tqdm import tqdm
+
+from observd import __version__
+from observd.catalog import Catalog, CatalogError
+from observd.config import Config, ConfigError, find_config_file, load_config, to_toml
+from observd.ingest import find_frame_files
+from observd.logs import setup_logging
+from observd.pipeline import Pipeline
+from observd.status import format_status, status_data
+
+__all__ = ["main"]
+
+
+class CommandError(Exception):
+    """A one-line reason for a non-zero exit."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, CatalogError, CommandError) as exc:
+        print(f"observd {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"observd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        help="config file (default: $OBSERVD_CONFIG, then /etc/observd/observd.toml)",
+    )
+    common.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
+
+    parser = argparse.ArgumentParser(
+        prog="observd",
+        description="Unattended observatory pipeline: every frame cataloged, masters "
+        "refreshed, lights calibrated and stacked as the night goes on.",
+    )
+    parser.add_argument("--version", action="version", version=f"observd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("ingest", parents=[common], help="record existing files (backfill, re-run)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders, recursive")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("status", parents=[common], help="what the catalog holds")
+    p.add_argument("--night", metavar="YYYY-MM-DD", help="only this night")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("simulate", parents=[common], help="write a synthetic night")
+    p.add_argument("out", metavar="OUT", help="folder: OUT/camera (frames) and OUT/truth")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--size", type=int, default=1024, metavar="PX", help="frame size (256-4096)")
+    p.add_argument("--dialect", choices=("maxim", "nina"), default="maxim")
+    p.add_argument("--lights", type=int, metavar="N", help="lights per target and filter")
+    p.add_argument("--live", action="store_true", help="write files over time, in chunks")
+    p.add_argument("--speed", type=float, default=600.0, help="live: simulated s per real s")
+    p.add_argument("--junk", action="store_true", help="live: add camera-PC junk files")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", parents=[common], help="simulate a small night and process it")
+    p.add_argument("--out", metavar="DIR", help="where to write (default: a new temp folder)")
+    p.add_argument("--size", type=int, default=256, metavar="PX", help="frame size")
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("config", parents=[common], help="print the effective configuration")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(find_config_file(args.config))
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    return "DEBUG" if args.verbose else "WARNING" if args.quiet else "INFO"
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(to_toml(_config(args)), end="")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    config = _config(args)
+    setup_logging(_log_level(args), config.log_dir, tqdm_safe=True)
+    roots = [Path(p) for p in args.paths]
+    for root in roots:
+        if not root.exists():
+            raise CommandError(f"no such file or folder: {root}")
+        if root.is_dir() and not _listable(root):
+            raise CommandError(f"cannot read folder {root}: permission denied")
+    with Catalog(config.paths.catalog) as catalog:
+        _ingest(Pipeline(config, catalog), roots, config)
+    return 0
+
+
+def _listable(folder: Path) -> bool:
+    try:
+        next(iter(folder.iterdir()), None)
+    except PermissionError:
+        return False
+    return True
+
+
+def _ingest(pipeline: Pipeline, roots: list[Path], config: Config) -> dict[str, int]:
+    files = list(find_frame_files(roots, config))
+    counts: dict[str, int] = {}
+    t0 = time.monotonic()
+    for path in tqdm(files, desc="ingest", unit="file", disable=None, file=sys.stderr):
+        result = pipeline.process(path)
+        key = "vanished" if result is None else result.status if result.new else "unchanged"
+        counts[key] = counts.get(key, 0) + 1
+    logger.info(
+        "ingest: {} files in {:.1f} s: {}",
+        len(files),
+        time.monotonic() - t0,
+        ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing",
+    )
+    return counts
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    try:
+        catalog = Catalog(config.paths.catalog, readonly=True)
+    except CatalogError as exc:
+        raise CommandError(str(exc)) from None
+    with catalog:
+        data = status_data(catalog, args.night)
+    if args.json:
+        json.dump(data, sys.stdout, indent=1, default=str)
+        print()
+    else:
+        print(format_status(data))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from observd.simulate import CameraModel, NightPlan, simulate_night
+
+    setup_logging(_log_level(args))
+    plan = NightPlan(seed=args.seed, dialect=args.dialect)
+    if args.lights is not None:
+        plan = replace(plan, n_light=args.lights)
+    out = Path(args.out)
+    truth = simulate_night(
+        out, plan, CameraModel(size=args.size), live=args.live, speed=args.speed, junk=args.junk
+    )
+    print(f"wrote {len(truth.files)} files to {out / 'camera'} (truth in {out / 'truth'})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from observd.simulate import CameraModel, NightPlan, simulate_night
+
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="observd-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "observd.toml"
+    config_path.write_text(
+        "# written by `observd demo`\n"
+        "[paths]\n"
+        'incoming = ["camera"]\n'
+        'products = "products"\n'
+        'catalog = "observd.sqlite"\n'
+        "[site]\n"
+        'timezone = "America/Los_Angeles"\n'
+        "latitude = 34.22\n"
+        "longitude = -118.06\n",
+        encoding="utf-8",
+    )
+    config = load_config(config_path)
+    setup_logging("WARNING" if not args.verbose else "DEBUG", config.log_dir, tqdm_safe=True)
+    print(f"observd demo: simulating a night of {args.size} px frames in {out / 'camera'} ...")
+    t0 = time.monotonic()
+    plan = NightPlan(seed=args.seed, n_bias=7, n_dark=5, n_flat=5, n_light=6)
+    truth = simulate_night(out, plan, CameraModel(size=args.size))
+    print(f"  {len(truth.files)} files in {time.monotonic() - t0:.1f} s")
+    t0 = time.monotonic()
+    with Catalog(config.paths.catalog) as catalog:
+        counts = _ingest(Pipeline(config, catalog), list(config.paths.incoming), config)
+        print(f"  ingested in {time.monotonic() - t0:.1f} s: {counts}\n")
+        print(format_status(status_data(catalog)))
+    print(
+        f"\nconfig   {config_path}\ncatalog  {config.paths.catalog}\n"
+        f"products {config.paths.products}\ntruth    {out / 'truth'}\n"
+        f"try:     observd status --config {config_path}"
+    )
+    return 0

@@ -1,0 +1,238 @@
+"""Read one raw frame from disk, safely, or say exactly why it cannot be used.
+
+Camera folders hold whatever the capture software left: files still being written,
+truncated copies, text files with a FITS name, header-only WCS solutions, cubes. This
+module reads a file once (bytes -> hash -> FITS), checks its structure against what
+its header promises, and returns the image or raises :class:`BadFrame` with a reason
+an operator can act on. It never writes to the file.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+__all__ = ["BadFrame", "RawFrame", "read_raw"]
+
+_BLOCK = 2880
+
+
+class BadFrame(Exception):
+    """A file that cannot be used as a frame.
+
+    ``reason`` is the operator-facing sentence; ``header`` is the image header when it
+    could still be read (a truncated file usually has an intact header), so the catalog
+    can say what the frame was meant to be.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        header: fits.Header | None = None,
+        sha256: str | None = None,
+        size: int | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.header = header
+        self.sha256 = sha256
+        self.size = size
+
+
+@dataclass
+class RawFrame:
+    """One raw frame as read from disk."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    sha256: str
+    header: fits.Header  # the image header (for tile-compressed files, the image's own)
+    data: np.ndarray  # 2-D, values after BSCALE/BZERO (uint16 for BZERO=32768 files)
+    hdu_index: int
+
+
+def read_raw(path: str | os.PathLike[str]) -> RawFrame:
+    """Read a raw frame and check it is a usable 2-D image.
+
+    Parameters
+    ----------
+    path
+        A FITS file, optionally gzip/bzip2 compressed or tile-compressed (``.fits.fz``).
+
+    Returns
+    -------
+    RawFrame
+
+    Raises
+    ------
+    BadFrame
+        With a one-line reason: empty, unreadable, not FITS, truncated, no image,
+        not 2-D, no valid pixels, constant.
+    FileNotFoundError
+        When the file vanished (the caller decides; it is not a property of the frame).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            stat = os.fstat(fh.fileno())
+            blob = fh.read()
+    except PermissionError:
+        raise BadFrame("cannot read: permission denied") from None
+    except IsADirectoryError:
+        raise BadFrame("is a folder, not a file") from None
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise BadFrame(f"cannot read: {exc.strerror or exc}") from None
+
+    size = len(blob)
+    sha256 = hashlib.sha256(blob).hexdigest()
+    if size == 0:
+        raise BadFrame("empty file (0 bytes)", sha256=sha256, size=0)
+    blob = _decompress(blob, sha256, size)
+    if not blob.startswith(b"SIMPLE  ="):
+        raise BadFrame(f"not a FITS file (begins with {_preview(blob)})", sha256=sha256, size=size)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bad cards are reported by headers.describe
+        try:
+            hdul = fits.open(io.BytesIO(blob), memmap=False, lazy_load_hdus=False)
+        except Exception as exc:  # astropy raises OSError/ValueError/IndexError variously
+            raise BadFrame(_header_reason(exc, size), sha256=sha256, size=size) from None
+        try:
+            index, hdu = _image_hdu(hdul)
+            header = hdu.header
+            if index is None:
+                raise BadFrame(
+                    "no image data (header only)", header=header, sha256=sha256, size=size
+                )
+            _check_complete(hdul, index, hdu, len(blob), header, sha256, size)
+            data = _load_data(hdu, header, sha256, size)
+        finally:
+            hdul.close()
+
+    data = _check_shape(data, header, sha256, size)
+    _check_values(data, header, sha256, size)
+    return RawFrame(
+        path=path,
+        size=size,
+        mtime_ns=stat.st_mtime_ns,
+        sha256=sha256,
+        header=header,
+        data=data,
+        hdu_index=index,
+    )
+
+
+def _decompress(blob: bytes, sha256: str, size: int) -> bytes:
+    try:
+        if blob[:2] == b"\x1f\x8b":
+            return gzip.decompress(blob)
+        if blob[:3] == b"BZh":
+            return bz2.decompress(blob)
+    except (OSError, EOFError, ValueError) as exc:
+        raise BadFrame(f"corrupt compressed file ({exc})", sha256=sha256, size=size) from None
+    return blob
+
+
+def _preview(blob: bytes) -> str:
+    head = blob[:24]
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return repr(head.decode("ascii").split("\n")[0])
+    return "binary bytes " + head[:8].hex(" ")
+
+
+def _header_reason(exc: Exception, size: int) -> str:
+    text = str(exc)
+    if "END" in text:
+        return f"truncated or corrupt header: no END card in {size} bytes"
+    return f"unreadable FITS structure ({text.splitlines()[0][:160]})"
+
+
+def _image_hdu(hdul: fits.HDUList) -> tuple[int | None, fits.hdu.base.ExtensionHDU]:
+    """The first HDU holding an image: the primary, or a (compressed) image extension."""
+    for index, hdu in enumerate(hdul):
+        if isinstance(hdu, fits.CompImageHDU) or (
+            isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU) and hdu.header.get("NAXIS", 0) > 0
+        ):
+            return index, hdu
+    return None, hdul[0]
+
+
+def _check_complete(hdul, index, hdu, length, header, sha256, size) -> None:
+    """Compare the bytes on disk with what the header promises (not for compressed tiles,
+    whose table length astropy checks itself)."""
+    info = hdul.fileinfo(index)
+    if isinstance(hdu, fits.CompImageHDU):
+        return
+    bitpix = abs(int(header.get("BITPIX", 8)))
+    naxes = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, int(header.get("NAXIS", 0)) + 1)]
+    need = info["datLoc"] + bitpix // 8 * int(np.prod(naxes, dtype=np.int64))
+    if length < need:
+        raise BadFrame(
+            f"truncated data: file has {length} bytes, its header needs {need}",
+            header=header,
+            sha256=sha256,
+            size=size,
+        )
+
+
+def _load_data(hdu, header, sha256, size) -> np.ndarray:
+    try:
+        data = hdu.data
+    except Exception as exc:
+        text = str(exc).splitlines()[0][:160]
+        reason = "truncated data" if "too small" in text else f"unreadable pixel data ({text})"
+        raise BadFrame(reason, header=header, sha256=sha256, size=size) from None
+    if data is None:
+        raise BadFrame("no image data (header only)", header=header, sha256=sha256, size=size)
+    return data
+
+
+def _check_shape(data: np.ndarray, header, sha256, size) -> np.ndarray:
+    if data.ndim > 2:
+        squeezed = np.squeeze(data)
+        if squeezed.ndim == 2:
+            return squeezed
+        shape = "x".join(str(n) for n in data.shape[::-1])
+        raise BadFrame(
+            f"{data.ndim}-D data ({shape}): expected one 2-D image",
+            header=header,
+            sha256=sha256,
+            size=size,
+        )
+    if data.ndim < 2 or min(data.shape) < 2:
+        raise BadFrame(
+            f"not a 2-D image (shape {data.shape})", header=header, sha256=sha256, size=size
+        )
+    return data
+
+
+def _check_values(data: np.ndarray, header, sha256, size) -> None:
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.any():
+            raise BadFrame(
+                "no valid pixels (all NaN or infinite)", header=header, sha256=sha256, size=size
+            )
+        lo, hi = (
+            np.min(data, where=finite, initial=np.inf),
+            np.max(data, where=finite, initial=-np.inf),
+        )
+    else:
+        lo, hi = data.min(), data.max()
+    if lo == hi:
+        raise BadFrame(
+            f"constant image: every pixel is {lo:g}", header=header, sha256=sha256, size=size
+        )
