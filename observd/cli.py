@@ -17,7 +17,7 @@ from tqdm import tqdm
 from observd import __version__
 from observd.catalog import Catalog, CatalogError
 from observd.config import Config, ConfigError, find_config_file, load_config, to_toml
-from observd.ingest import find_frame_files
+from observd.ingest import find_frame_files, in_time_order
 from observd.logs import setup_logging
 from observd.pipeline import Pipeline
 from observd.status import format_status, status_data
@@ -130,7 +130,7 @@ def _listable(folder: Path) -> bool:
 
 
 def _ingest(pipeline: Pipeline, roots: list[Path], config: Config) -> dict[str, int]:
-    files = list(find_frame_files(roots, config))
+    files = in_time_order(find_frame_files(roots, config), config)
     counts: dict[str, int] = {}
     t0 = time.monotonic()
     for path in tqdm(files, desc="ingest", unit="file", disable=None, file=sys.stderr):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from astropy.io import fits
 from loguru import logger
 
 from observd.catalog import Catalog
@@ -22,7 +24,7 @@ from observd.config import Config
 from observd.headers import FrameInfo, describe
 from observd.rawio import BadFrame, RawFrame, read_raw
 
-__all__ = ["Ingested", "find_frame_files", "is_frame_name", "ingest_file"]
+__all__ = ["Ingested", "find_frame_files", "ingest_file", "is_frame_name", "in_time_order"]
 
 # Frame types that cannot be used without an exposure time.
 _NEEDS_EXPTIME = {"dark", "flat", "darkflat", "light"}
@@ -70,6 +72,27 @@ def find_frame_files(roots: Iterable[Path], config: Config) -> Iterator[Path]:
                 path = Path(folder) / name
                 if is_frame_name(path, config):
                     yield path
+
+
+def in_time_order(paths: Iterable[Path], config: Config) -> list[Path]:
+    """Paths sorted by observation time (DATE-OBS), as the camera wrote them.
+
+    A batch run must take frames in the order a live night would have, so that
+    re-running a night reproduces its masters and stacks. Only headers are read; files
+    whose header cannot be read go last, in name order (ingest will say why).
+    """
+    keyed = []
+    for path in paths:
+        when = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                header = fits.getheader(path)
+            when = _describe(header, path, config).date_obs
+        except Exception:  # unreadable: ingest_file records the reason
+            pass
+        keyed.append((when is None, when.timestamp() if when else 0.0, str(path), path))
+    return [item[-1] for item in sorted(keyed)]
 
 
 def ingest_file(path: str | Path, catalog: Catalog, config: Config) -> Ingested | None:

@@ -205,3 +205,16 @@ def test_status_json_lists_every_frame_with_contract_keys(capsys, tmp_path, conf
     assert main(["status", "--config", str(config_file), "--night", "2026-03-14"]) == 0
     text = capsys.readouterr().out
     assert "M 51" in text and "not used:" in text and "same content as" in text
+
+
+def test_batch_order_is_observation_time_not_name(tmp_path, config_file):
+    from observd.ingest import in_time_order
+
+    config = load_config(config_file)
+    camera = tmp_path / "camera"
+    a = write_light(camera / "a.fits", seed=1, DATE_OBS="2026-03-15T09:00:00")
+    b = write_light(camera / "b.fits", seed=2, DATE_OBS="2026-03-15T03:00:00")
+    c = write_light(camera / "c.fits", seed=3, DATE_OBS="2026-03-15T06:00:00.5")
+    junk = camera / "0junk.fits"
+    junk.write_text("not a frame")
+    assert in_time_order([junk, a, b, c], config) == [b, c, a, junk]
