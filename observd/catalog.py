@@ -95,11 +95,63 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["events"].create_index(["time"])
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1,)
+def _v2(db: sqlite_utils.Database) -> None:
+    """Master calibrations (one row per version) and camera health per night."""
+    db["frames"].add_column("master_key", str)  # calibration frames: the master they feed
+    db["frames"].create_index(["master_key"])
+    db["masters"].create(
+        {
+            "id": int,
+            "kind": str,  # bias, dark, darkrate, flat, darkflat
+            "night": str,
+            "setup": str,
+            "filter": str,
+            "exptime": float,
+            "master_key": str,
+            "version": int,
+            "status": str,  # current, superseded
+            "path": str,  # the file of this version (under masters/<night>/versions/)
+            "current_path": str,  # the contract name that holds the current version
+            "n_frames": int,
+            "inputs": str,  # JSON: frame ids folded in
+            "depends": str,  # JSON: master ids it was made with (bias for a dark, ...)
+            "stats": str,  # JSON
+            "used": int,  # lights calibrated with this version
+            "created": str,
+        },
+        pk="id",
+        not_null=["kind", "night", "setup", "master_key", "version", "status", "created"],
+        defaults={"used": 0},
+    )
+    db["masters"].create_index(["master_key", "version"], unique=True)
+    db["masters"].create_index(["kind", "setup", "status"])
+    db["camera"].create(
+        {
+            "night": str,
+            "setup": str,
+            "updated": str,
+            "bias_level": float,
+            "bias_row_rms": float,
+            "bias_col_rms": float,
+            "read_noise_adu": float,
+            "read_noise_e": float,
+            "gain": float,
+            "gain_error": float,
+            "dark_current_e": float,
+            "dark_current_adu": float,
+            "hot_pixels": int,
+            "flats": str,  # JSON: filter -> vignetting, change against the previous night
+            "warnings": str,  # JSON list of plain sentences
+        },
+        pk=("night", "setup"),
+    )
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Frame columns that hold JSON text.
-_JSON_COLUMNS = ("problems", "sources")
+_JSON_COLUMNS = ("problems", "sources", "inputs", "depends", "stats", "flats", "warnings")
 
 
 class Catalog:
@@ -249,6 +301,89 @@ class Catalog:
         else:
             rows = self.db["events"].rows_where("frame_id = ?", [frame_id], order_by="id")
         return list(rows)
+
+    # -- masters -------------------------------------------------------------------
+
+    def insert_master(self, row: Mapping[str, Any]) -> int:
+        """Record a new master version and mark the previous one superseded."""
+        with self.transaction():
+            self.db.execute(
+                "update masters set status = 'superseded' where master_key = ? "
+                "and status = 'current'",
+                [row["master_key"]],
+            )
+            return int(
+                self.db["masters"]
+                .insert({"created": utcnow(), "status": "current", **_encode(row)})
+                .last_pk
+            )
+
+    def master(self, master_id: int) -> dict[str, Any]:
+        return _decode(self.db["masters"].get(master_id))
+
+    def masters(
+        self, where: str | None = None, args: Sequence[Any] | None = None
+    ) -> list[dict[str, Any]]:
+        rows = self.db["masters"].rows_where(where, args, order_by="night, master_key, version")
+        return [_decode(r) for r in rows]
+
+    def current_master(self, master_key: str) -> dict[str, Any] | None:
+        rows = self.masters("master_key = ? and status = 'current'", [master_key])
+        return rows[-1] if rows else None
+
+    def nearest_masters(
+        self,
+        kind: str,
+        setup: str,
+        night: str,
+        max_age_days: float,
+        *,
+        filter: str | None = None,
+        exptime: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Current masters of a kind and setup, nearest night first, within the age limit.
+
+        The same night comes first; between equally distant nights the earlier one
+        wins (a master from before the light existed when it was taken).
+        """
+        where = [
+            "kind = ?",
+            "setup = ?",
+            "status = 'current'",
+            "abs(julianday(night) - julianday(?)) <= ?",
+        ]
+        args: list[Any] = [kind, setup, night, max_age_days]
+        if filter is not None:
+            where.append("filter = ?")
+            args.append(filter)
+        if exptime is not None:
+            where.append("abs(exptime - ?) <= 1e-6 * max(1.0, ?)")
+            args += [exptime, exptime]
+        rows = self.db.execute(
+            "select * from masters where "
+            + " and ".join(where)
+            + " order by abs(julianday(night) - julianday(?)), night, version desc",
+            [*args, night],
+        ).fetchall()
+        columns = [d[0] for d in self.db.execute("select * from masters limit 0").description]
+        return [_decode(dict(zip(columns, r, strict=True))) for r in rows]
+
+    def mark_master_used(self, master_id: int) -> None:
+        self.db.execute("update masters set used = used + 1 where id = ?", [master_id])
+
+    # -- camera health ---------------------------------------------------------------
+
+    def camera_health(self, night: str | None = None) -> list[dict[str, Any]]:
+        where, args = ("night = ?", [night]) if night else (None, None)
+        return [
+            _decode(r) for r in self.db["camera"].rows_where(where, args, order_by="night, setup")
+        ]
+
+    def upsert_camera(self, night: str, setup: str, values: Mapping[str, Any]) -> None:
+        self.db["camera"].upsert(
+            {"night": night, "setup": setup, "updated": utcnow(), **_encode(values)},
+            pk=("night", "setup"),
+        )
 
     def integrity_ok(self) -> bool:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -126,6 +126,31 @@ class WatchConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    """Master calibrations: how they are combined, judged and chosen."""
+
+    warmup: int = 5
+    """Bias/dark frames combined jointly before the master runs incrementally."""
+    clip_sigma: float = 5.0
+    """Pixel rejection against the running master, in sigma of the noise model."""
+    dark_temperature_tolerance: float = 0.5
+    """Darks whose sensor is further than this (C) from its set point are rejected."""
+    saturation: float = 65535.0
+    """ADU at which the camera saturates (flats near it are rejected)."""
+    flat_min_snr: float = 50.0
+    """Flats fainter than this per-pixel SNR are rejected."""
+    flat_max_banding: float = 0.01
+    """Flats whose rows vary by more than this against the other flats are rejected."""
+    bias_max_age_days: float = 30.0
+    dark_max_age_days: float = 30.0
+    flat_max_age_days: float = 7.0
+    """How old a master from another night may be to calibrate a light."""
+    flat_change_warn: float = 0.01
+    flat_change_alarm: float = 0.02
+    """A flat that changed this much since the previous night raises a warning / alarm."""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration."""
 
@@ -135,6 +160,7 @@ class Config:
     headers: HeadersConfig = field(default_factory=HeadersConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     source: Path | None = None
     """The file this config was read from (None: built-in defaults)."""
 
@@ -307,6 +333,15 @@ def _check_semantics(config: Config, where: str) -> None:
     for name in ("settle_seconds", "poll_seconds", "rescan_seconds"):
         if getattr(config.watch, name) <= 0:
             raise ConfigError(f"{where}: watch.{name} must be > 0")
+    cal = config.calibration
+    for name in ("clip_sigma", "saturation", "flat_min_snr", "dark_temperature_tolerance"):
+        if getattr(cal, name) <= 0:
+            raise ConfigError(f"{where}: calibration.{name} must be > 0")
+    if cal.warmup < 1:
+        raise ConfigError(f"{where}: calibration.warmup must be >= 1")
+    for name in ("bias_max_age_days", "dark_max_age_days", "flat_max_age_days"):
+        if getattr(cal, name) < 0:
+            raise ConfigError(f"{where}: calibration.{name} must be >= 0")
     seen: dict[str, str] = {}
     for canonical, aliases in config.headers.filter_aliases.items():
         for name in (canonical, *aliases):

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loguru import logger
+
+from observd.calibration import Calibrations
 from observd.catalog import Catalog
 from observd.config import Config
 from observd.ingest import Ingested, ingest_file
+from observd.products import Products
 
 __all__ = ["Pipeline"]
+
+CALIBRATION_TYPES = ("bias", "dark", "darkflat", "flat")
 
 
 class Pipeline:
@@ -30,7 +36,47 @@ class Pipeline:
     def __init__(self, config: Config, catalog: Catalog) -> None:
         self.config = config
         self.catalog = catalog
+        self.products = Products(config.paths.products)
+        self.calibrations = Calibrations(config.calibration, catalog, self.products)
 
     def process(self, path: str | Path) -> Ingested | None:
-        """Record one settled file; None when it vanished before it could be read."""
-        return ingest_file(path, self.catalog, self.config)
+        """Take one settled file through the stages; None when it vanished first."""
+        result = ingest_file(path, self.catalog, self.config)
+        if result is None or not result.new or result.status != "recorded":
+            return result
+        frame = self.catalog.frame(result.frame_id)
+        if frame["type"] in CALIBRATION_TYPES:
+            self._calibration_frame(frame, result)
+        return result
+
+    def _calibration_frame(self, frame: dict, result: Ingested) -> None:
+        try:
+            decision = self.calibrations.add(frame, result.raw.data)
+        except Exception as exc:  # one bad frame must not stop the night
+            logger.exception("{}: calibration failed", frame["path"])
+            self._fail(frame, "calibration", exc)
+            return
+        with self.catalog.transaction():
+            self.catalog.update_frame(
+                frame["id"],
+                {
+                    "status": decision.status,
+                    "reason": decision.reason,
+                    "master_key": decision.master_key,
+                },
+            )
+            self.catalog.log_event(
+                "calibration",
+                decision.status,
+                decision.reason,
+                frame_id=frame["id"],
+                details={"master": decision.master_key, **decision.details},
+            )
+        result.status, result.reason = decision.status, decision.reason
+        if decision.status != "used":
+            logger.warning("{}: {}: {}", Path(frame["path"]).name, decision.status, decision.reason)
+
+    def _fail(self, frame: dict, stage: str, exc: Exception) -> None:
+        reason = f"{stage} failed: {type(exc).__name__}: {exc}"
+        self.catalog.update_frame(frame["id"], {"status": "failed", "reason": reason})
+        self.catalog.log_event(stage, "failed", reason, frame_id=frame["id"])

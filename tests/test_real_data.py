@@ -100,22 +100,71 @@ def _expected_for(rel: str) -> dict:
     return EXPECTED[max(matches, key=len)]
 
 
-def test_every_real_file_is_classified_as_its_readme_says(tmp_path, shared_data: Path):
-    config = write_config(tmp_path, incoming=str(shared_data), timezone="UTC")
-    assert main(["ingest", "-q", "--config", str(config), str(shared_data)]) == 0
-    with Catalog(tmp_path / "observd.sqlite", readonly=True) as cat:
-        rows = cat.frames()
+@pytest.fixture(scope="module")
+def real_night(tmp_path_factory):
+    """The whole of ../shared/data ingested once (UTC nights): (data folder, catalog)."""
+    from tests.conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real frames not found at {SHARED_DATA}")
+    tmp = tmp_path_factory.mktemp("real")
+    config = write_config(tmp, incoming=str(SHARED_DATA), timezone="UTC")
+    assert main(["ingest", "-q", "--config", str(config), str(SHARED_DATA)]) == 0
+    catalog = Catalog(tmp / "observd.sqlite", readonly=True)
+    yield SHARED_DATA, catalog
+    catalog.close()
+
+
+def test_every_real_file_is_classified_as_its_readme_says(real_night):
+    shared_data, cat = real_night
+    rows = cat.frames()
+    # the ingest stage's verdict (later stages may go on to use or flag a frame)
+    ingest = {
+        e["frame_id"]: (e["action"], e["reason"]) for e in cat.events() if e["stage"] == "ingest"
+    }
     frames = sorted(p for p in shared_data.rglob("*") if p.is_file() and ".fit" in p.name.lower())
     assert len(rows) == len(frames) == 72
     for row in rows:
         rel = Path(row["path"]).relative_to(shared_data).as_posix()
         want = _expected_for(rel)
+        status, reason = ingest[row["id"]]
         for key, value in want.items():
             if key == "reason":
-                assert value in (row["reason"] or ""), (rel, row["reason"])
+                assert value in (reason or ""), (rel, reason)
+            elif key == "status":
+                assert status == value, (rel, status, reason)
             elif isinstance(value, float):
                 assert row[key] == pytest.approx(value), (rel, key, row[key])
             else:
                 assert row[key] == value, (rel, key, row[key], row["reason"])
-        if row["status"] == "recorded":
-            assert row["reason"] is None and row["night"] and row["sha256"], rel
+        if status == "recorded":
+            assert reason is None and row["night"] and row["sha256"], rel
+
+
+def test_zwo_calibration_set_builds_masters_and_measures_the_camera(real_night):
+    _, cat = real_night
+    setup = "bin1x1_g0_o9_1280x960_grbg"  # the ASI120MC-S
+    current = {
+        (m["kind"], m["exptime"]): m for m in cat.masters("setup = ? and status = 'current'", [setup])
+    }
+    bias = current[("bias", None)]
+    assert bias["n_frames"] == 8 and Path(bias["current_path"]).is_file()
+    # dark signal grows with exposure (a warm, uncooled sensor)
+    medians = [current[("dark", t)]["stats"]["median_adu"] for t in (1.0, 10.0, 30.0, 100.0)]
+    assert medians == sorted(medians) and medians[-1] > 500
+    rate = current[("darkrate", None)]
+    assert rate["stats"]["exptimes"] == [0.1, 1.0, 10.0, 30.0, 100.0]
+    assert 5 < rate["stats"]["median_rate_adu_s"] < 10
+    (health,) = [h for h in cat.camera_health("2024-04-16") if h["setup"] == setup]
+    # 12-bit ADC scaled by 16: read noise ~1.7 ADU(12 bit) ~ 28 ADU here
+    assert 20 < health["read_noise_adu"] < 40
+    assert health["bias_level"] == pytest.approx(2300, abs=10)
+    assert 1000 < health["hot_pixels"] < 20000
+    # one 100 s dark is warmer than its siblings: flagged with its numbers, not folded in
+    flagged = cat.frames("status = 'flagged'")
+    assert [Path(f["path"]).name for f in flagged] == ["Dark_ASIImg_100sec_frame0002.fit"]
+    assert "disagrees with the master" in flagged[0]["reason"]
+    # the ASI120 flats were taken under flickering light: banded, and said so
+    flats = cat.frames("type = 'flat' and setup = ?", [setup])
+    banded = [f for f in flats if "horizontal banding" in (f["reason"] or "")]
+    assert len(banded) >= 3
