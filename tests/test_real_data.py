@@ -145,7 +145,8 @@ def test_zwo_calibration_set_builds_masters_and_measures_the_camera(real_night):
     _, cat = real_night
     setup = "bin1x1_g0_o9_1280x960_grbg"  # the ASI120MC-S
     current = {
-        (m["kind"], m["exptime"]): m for m in cat.masters("setup = ? and status = 'current'", [setup])
+        (m["kind"], m["exptime"]): m
+        for m in cat.masters("setup = ? and status = 'current'", [setup])
     }
     bias = current[("bias", None)]
     assert bias["n_frames"] == 8 and Path(bias["current_path"]).is_file()
