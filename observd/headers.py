@@ -366,6 +366,10 @@ def describe(
     ftype = _frame_type(cards, where, problems, sources)
     exptime = _exposure(cards, problems, sources)
     filt, wheel = _filter(cards, where, aliases, problems, sources)
+    if ftype in ("bias", "dark", "darkflat") and filt is not None:
+        # the wheel position during a closed-shutter frame means nothing for its use
+        sources["filter"] = f"{filt!r} in the header, not used for a {ftype}"
+        filt = None
     date_obs = _date_obs(cards, zone, problems, sources)
     night = None
     if date_obs is not None:
