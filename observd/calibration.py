@@ -124,6 +124,17 @@ class Calibrations:
         self.catalog = catalog
         self.products = products
         self._running: dict[str, _Running] = {}
+        # (night, setup) whose dark-rate map no longer matches its darks: refitted when
+        # something needs it (a flat, a light, the end of a run), not at every dark
+        self._stale_rates: set[tuple[str, str]] = set()
+
+    def flush(self) -> list[int]:
+        """Bring every derived master up to date (dark-rate maps); returns ids written."""
+        out = []
+        for night, setup in sorted(self._stale_rates):
+            out += self._refresh_dark_rate(night, setup)
+        self._stale_rates.clear()
+        return out
 
     # ------------------------------------------------------------------ makers
 
@@ -247,7 +258,7 @@ class Calibrations:
                 return published
             published.append(self._write_dark(key, frame, running, bias))
             if kind == "dark":
-                published += self._refresh_dark_rate(night, setup)
+                self._stale_rates.add((night, setup))
         return published
 
     def _write_bias(self, key: str, frame: dict[str, Any], running: _Running) -> int:
@@ -280,8 +291,8 @@ class Calibrations:
             if key.startswith(prefix) and running.master.n and bias is not None:
                 row = self._frame_like(key, night, setup)
                 out.append(self._write_dark(key, row, running, bias))
-        if out:
-            out += self._refresh_dark_rate(night, setup)
+        if any(key.startswith(prefix[0]) for key in self._running):
+            self._stale_rates.add((night, setup))
         return out
 
     def _frame_like(self, key: str, night: str, setup: str) -> dict[str, Any]:
@@ -366,6 +377,7 @@ class Calibrations:
         ``frame`` is the newest flat (its pixels in ``data`` when already in hand).
         """
         night, setup = frame["night"], frame["setup"]
+        self.flush()
         rows = self.catalog.frames(
             "master_key = ? and status in ('used', 'flagged', 'rejected') and id != ?",
             [key, frame["id"]],
@@ -432,7 +444,9 @@ class Calibrations:
         decision.published.append(
             self._write_master(key, frame, result.master, result.sigma, used, depends, stats)
         )
-        self._health_flat(frame, result.master, [raws[i] for i in accepted], bias_data, bias)
+        partners = [raws[i] for i in accepted if kept[i] is not frame]
+        new = raws[-1] if kept[-1]["id"] in used else None
+        self._health_flat(frame, result.master, new, partners, bias_data, bias)
         return decision
 
     # ---------------------------------------------------------------- writing
@@ -546,6 +560,7 @@ class Calibrations:
         Steps already applied upstream (``calstat`` letters B, D, F; ``C`` = all) are
         skipped, never applied twice.
         """
+        self.flush()
         calstat = (light.get("calstat") or "").upper()
         done = set("BDF") if "C" in calstat else set(calstat)
         sel = Selection()
@@ -601,6 +616,7 @@ class Calibrations:
         return image
 
     def hot_pixels(self, night: str, setup: str) -> np.ndarray | None:
+        self.flush()
         rate = self.catalog.nearest_masters("darkrate", setup, night, self.config.dark_max_age_days)
         return self._load(rate[0], "HOTPIX").astype(bool) if rate else None
 
@@ -635,23 +651,32 @@ class Calibrations:
         self,
         frame: dict[str, Any],
         master: np.ndarray,
-        raws: list[np.ndarray],
+        new: np.ndarray | None,
+        partners: list[np.ndarray],
         bias_data: np.ndarray,
         bias: dict[str, Any],
     ) -> None:
+        """Vignetting, change against the previous night, and gain by photon transfer.
+
+        The gain comes from one new pair per accepted flat (the new flat and the one
+        closest to it in level), so its cost does not grow with the number of flats;
+        the night's gain is the median over all pairs of all filters.
+        """
         night, setup, filt = frame["night"], frame["setup"], frame["filter"] or ""
-        values: dict[str, Any] = {}
-        if len(raws) >= 2:
-            g = camera.gain_from_flats(
-                raws,
-                bias_data,
-                read_noise_adu=bias["stats"].get("noise_adu"),
-                saturation=self.config.saturation,
-            )
-            if np.isfinite(g.gain):
-                values.update(gain=g.gain, gain_error=g.error)
         flats = self._health_row(night, setup).get("flats") or {}
-        entry: dict[str, Any] = {"vignetting": camera.vignetting(master)}
+        entry: dict[str, Any] = {**flats.get(filt, {}), "vignetting": camera.vignetting(master)}
+        if new is not None and partners:
+            level = float(np.median(new))
+            partner = min(partners, key=lambda p: abs(float(np.median(p)) - level))
+            with contextlib.suppress(ValueError):  # no usable pair: levels too far apart
+                g = camera.gain_from_flats(
+                    [new, partner],
+                    bias_data,
+                    read_noise_adu=bias["stats"].get("noise_adu"),
+                    saturation=self.config.saturation,
+                )
+                if np.isfinite(g.gain):
+                    entry["gain_pairs"] = [*entry.get("gain_pairs", []), g.gain]
         previous = self._previous_flat(night, setup, filt)
         if previous is not None:
             change = camera.flat_change(
@@ -667,7 +692,13 @@ class Calibrations:
                 change_status=change.status,
             )
         flats[filt] = entry
-        values["flats"] = flats
+        values: dict[str, Any] = {"flats": flats}
+        pairs = [g for e in flats.values() for g in e.get("gain_pairs", [])]
+        if pairs:
+            values["gain"] = float(np.median(pairs))
+            values["gain_error"] = (
+                float(np.std(pairs) / np.sqrt(len(pairs))) if len(pairs) > 1 else None
+            )
         self._update_health(night, setup, values)
 
     def _previous_flat(self, night: str, setup: str, filt: str) -> dict[str, Any] | None:

@@ -422,18 +422,24 @@ def row_banding(flats: Sequence[ArrayLike]) -> list[float]:
 
     A CMOS rolling shutter under flickering (mains or PWM) light gives short flats
     horizontal bands that differ from frame to frame; such flats are not flats. Each
-    flat is divided by the per-pixel median of all (>= 3) flats, normalised, and the
-    robust rms of its row means is returned (0.01 = 1 % bands). With fewer than three
-    flats nothing can be said and zeros are returned.
+    flat's row-mean profile is divided by the median profile of all (>= 3) flats, a
+    quadratic (twilight gradients, level) is removed, and the robust rms of what is
+    left is returned (0.01 = 1 % bands). Vignetting and dust are common to all flats
+    and cancel. With fewer than three flats nothing can be said: zeros.
     """
     if len(flats) < 3:
         return [0.0] * len(flats)
-    stack = np.stack([np.asarray(f, np.float32) for f in flats])
-    stack /= np.median(stack.reshape(len(flats), -1), axis=1)[:, None, None]
-    ref = np.median(stack, axis=0)
-    ref[ref <= 0] = np.nan
+    profiles = np.stack([np.mean(np.asarray(f, F64), axis=1) for f in flats])
+    reference = np.median(profiles, axis=0)
+    reference[reference <= 0] = np.nan
+    rows = np.arange(profiles.shape[1], dtype=F64)
     out = []
-    for f in stack:
-        rows = np.nanmean(f / ref, axis=1)
-        out.append(robust_std(rows - np.nanmedian(rows)))
+    for profile in profiles:
+        ratio = profile / reference
+        ok = np.isfinite(ratio)
+        if ok.sum() < 8:
+            out.append(0.0)
+            continue
+        trend = np.polyval(np.polyfit(rows[ok], ratio[ok], 2), rows[ok])
+        out.append(robust_std(ratio[ok] / trend - 1.0))
     return out

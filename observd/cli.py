@@ -137,6 +137,7 @@ def _ingest(pipeline: Pipeline, roots: list[Path], config: Config) -> dict[str, 
         result = pipeline.process(path)
         key = "vanished" if result is None else result.status if result.new else "unchanged"
         counts[key] = counts.get(key, 0) + 1
+    pipeline.finish()
     logger.info(
         "ingest: {} files in {:.1f} s: {}",
         len(files),

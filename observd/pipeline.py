@@ -49,6 +49,10 @@ class Pipeline:
             self._calibration_frame(frame, result)
         return result
 
+    def finish(self) -> None:
+        """End of a run or a night: bring every derived master up to date."""
+        self.calibrations.flush()
+
     def _calibration_frame(self, frame: dict, result: Ingested) -> None:
         try:
             decision = self.calibrations.add(frame, result.raw.data)

@@ -10,7 +10,6 @@ the old file in place and removes the temporary one.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -67,12 +66,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def atomic_write_fits(path: str | os.PathLike[str], hdus: fits.HDUList | fits.PrimaryHDU) -> Path:
-    """Write a FITS file atomically (serialised in memory first: products are small)."""
+    """Write a FITS file atomically."""
     if isinstance(hdus, fits.PrimaryHDU):
         hdus = fits.HDUList([hdus])
-    buffer = io.BytesIO()
-    hdus.writeto(buffer, output_verify="silentfix")
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write(path, lambda fh: hdus.writeto(fh, output_verify="silentfix"))
 
 
 def _fsync_dir(folder: Path) -> None:
