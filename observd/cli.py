@@ -20,7 +20,7 @@ from observd.config import Config, ConfigError, find_config_file, load_config, t
 from observd.ingest import find_frame_files, in_time_order
 from observd.logs import setup_logging
 from observd.pipeline import Pipeline
-from observd.status import format_status, status_data
+from observd.status import camera_data, format_camera, format_status, status_data
 
 __all__ = ["main"]
 
@@ -71,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--night", metavar="YYYY-MM-DD", help="only this night")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("camera", parents=[common], help="camera health and current masters")
+    p.add_argument("--night", metavar="YYYY-MM-DD", help="only this night")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_camera)
 
     p = sub.add_parser("simulate", parents=[common], help="write a synthetic night")
     p.add_argument("out", metavar="OUT", help="folder: OUT/camera (frames) and OUT/truth")
@@ -148,18 +153,27 @@ def _ingest(pipeline: Pipeline, roots: list[Path], config: Config) -> dict[str, 
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    return _report(args, status_data, format_status)
+
+
+def cmd_camera(args: argparse.Namespace) -> int:
+    return _report(args, camera_data, format_camera)
+
+
+def _report(args: argparse.Namespace, collect, render) -> int:
+    """A read-only report of the catalog, as text or JSON."""
     config = _config(args)
     try:
         catalog = Catalog(config.paths.catalog, readonly=True)
     except CatalogError as exc:
         raise CommandError(str(exc)) from None
     with catalog:
-        data = status_data(catalog, args.night)
+        data = collect(catalog, args.night)
     if args.json:
         json.dump(data, sys.stdout, indent=1, default=str)
         print()
     else:
-        print(format_status(data))
+        print(render(data))
     return 0
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from observd.catalog import SCHEMA_VERSION, Catalog
 
-__all__ = ["status_data", "format_status", "FRAME_KEYS"]
+__all__ = ["FRAME_KEYS", "camera_data", "format_camera", "format_status", "status_data"]
 
 # The keys every entry of ``frames`` carries (a contract: scripts rely on them).
 FRAME_KEYS = (
@@ -94,10 +94,7 @@ def format_status(data: dict[str, Any]) -> str:
                 ", ".join(f"{n} {s}" for s, n in sorted(c["by_status"].items())),
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines.append("")
-    for row in table:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    lines += ["", *_table(table)]
     bad = [f for f in data["frames"] if f["status"] in ("rejected", "failed", "duplicate")]
     if bad:
         lines.append("")
@@ -106,3 +103,87 @@ def format_status(data: dict[str, Any]) -> str:
             lines.append(f"  {f['status']:<9} {f['path']}")
             lines.append(f"            {f['reason']}")
     return "\n".join(lines)
+
+
+# camera-health columns shown by `observd camera`: (key, heading, format)
+_HEALTH_COLUMNS = (
+    ("bias_level", "bias ADU", "{:.1f}"),
+    ("bias_col_rms", "col rms", "{:.2f}"),
+    ("read_noise_e", "RN e-", "{:.2f}"),
+    ("read_noise_adu", "RN ADU", "{:.2f}"),
+    ("gain", "gain e-/ADU", "{:.3f}"),
+    ("dark_current_e", "dark e-/s", "{:.4f}"),
+    ("hot_pixels", "hot px", "{:d}"),
+)
+
+
+def camera_data(catalog: Catalog, night: str | None = None) -> dict[str, Any]:
+    """Camera health per night and setup, and the current masters."""
+    masters = catalog.masters("status = 'current'" + (" and night = ?" if night else ""),
+                              [night] if night else None)  # fmt: skip
+    return {
+        "catalog": str(catalog.path),
+        "health": catalog.camera_health(night),
+        "masters": [
+            {
+                k: m[k]
+                for k in (
+                    "kind",
+                    "night",
+                    "setup",
+                    "filter",
+                    "exptime",
+                    "version",
+                    "n_frames",
+                    "current_path",
+                    "stats",
+                )
+            }  # fmt: skip
+            for m in masters
+        ],
+    }
+
+
+def format_camera(data: dict[str, Any]) -> str:
+    """Camera health and masters as a terminal report."""
+    lines = [f"catalog {data['catalog']}"]
+    if not data["health"]:
+        return "\n".join([*lines, "no calibration frames yet"])
+    table = [("night", "setup", *(h for _, h, _ in _HEALTH_COLUMNS))]
+    for row in data["health"]:
+        cells = [row["night"], row["setup"]]
+        for key, _, fmt in _HEALTH_COLUMNS:
+            value = row.get(key)
+            cells.append("-" if value is None else fmt.format(value))
+        table.append(tuple(cells))
+    lines += ["", *_table(table)]
+    for row in data["health"]:
+        for filt, entry in sorted((row.get("flats") or {}).items()):
+            vignetting = 100 * entry["vignetting"]
+            text = f"  flat {filt or '(none)'} {row['night']}: vignetting {vignetting:.1f} %"
+            if "change_peak" in entry:
+                peak, rms = 100 * entry["change_peak"], 100 * entry["change_rms"]
+                text += (
+                    f", change since {entry['previous_night']}: peak {peak:.2f} %"
+                    f" rms {rms:.2f} % ({entry['change_status']})"
+                )
+            lines.append(text)
+        for warning in row.get("warnings") or []:
+            lines.append(f"  WARNING {row['night']}: {warning}")
+    lines += ["", "current masters:"]
+    for m in data["masters"]:
+        what = (
+            m["kind"]
+            + (f" {m['exptime']:g}s" if m["exptime"] else "")
+            + (f" {m['filter']}" if m["filter"] else "")
+        )
+        lines.append(
+            f"  {m['night']}  {what:<14} v{m['version']:<3} {m['n_frames']:>3} frames"
+            f"  {m['current_path']}"
+        )
+    return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]

@@ -159,3 +159,44 @@ def test_restart_rebuilds_running_masters_from_the_catalog(night, tmp_path):
     frame = catalog.frame(bias["inputs"][-1])
     running = fresh._restore(bias["master_key"], {**frame, "id": -1})
     np.testing.assert_allclose(running.master.master, image(bias), rtol=0, atol=1e-4)
+
+
+def test_observd_camera_reports_health_and_masters(night, capsys):
+    import json
+
+    from observd.cli import main
+
+    truth, catalog, pipeline = night
+    config = pipeline.config.source
+    assert main(["camera", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "RN e-" in text and "flat R" in text and "MASTER" not in text
+    assert main(["camera", "--json", "--config", str(config), "--night", truth.plan.night]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["health"][0]["read_noise_e"] > 0
+    assert {m["kind"] for m in data["masters"]} == {"bias", "dark", "darkrate", "flat"}
+
+
+def test_a_changed_flat_raises_an_alarm_and_an_unchanged_one_nothing(tmp_path):
+    small = dict(n_bias=5, n_dark=3, dark_exptimes=(30.0, 60.0), n_flat=5, n_light=0,
+                 targets=(), filters=("R",), defects=False)  # fmt: skip
+    camera = CameraModel(size=384)
+    config = load_config(write_config(tmp_path, incoming=str(tmp_path / "sim")))
+    catalog = Catalog(config.paths.catalog)
+    pipeline = Pipeline(config, catalog)
+    nights = [("2026-03-14", 0.0), ("2026-03-15", 0.03), ("2026-03-16", 0.03)]
+    for i, (night_date, change) in enumerate(nights):
+        out = tmp_path / "sim" / night_date
+        cam = CameraModel(size=camera.size, flat_change=change)
+        simulate_night(out, NightPlan(night=night_date, seed=10 + i, **small), cam)
+        for path in in_time_order(find_frame_files([out / "camera"], config), config):
+            pipeline.process(path)
+    pipeline.finish()
+    health = {h["night"]: h for h in catalog.camera_health()}
+    assert "change_status" not in health["2026-03-14"]["flats"]["R"]  # no earlier night
+    second = health["2026-03-15"]
+    assert second["flats"]["R"]["change_status"] == "alarm"
+    assert second["warnings"] and "flat R changed" in second["warnings"][0]
+    assert health["2026-03-16"]["flats"]["R"]["change_status"] == "ok"
+    assert health["2026-03-16"]["warnings"] == []
+    catalog.close()
