@@ -127,13 +127,21 @@ class Calibrations:
         # (night, setup) whose dark-rate map no longer matches its darks: refitted when
         # something needs it (a flat, a light, the end of a run), not at every dark
         self._stale_rates: set[tuple[str, str]] = set()
+        self._stale_bias_health: set[str] = set()  # bias keys whose health is not measured
 
     def flush(self) -> list[int]:
-        """Bring every derived master up to date (dark-rate maps); returns ids written."""
+        """Bring derived products up to date (dark-rate maps, bias health).
+
+        Returns the ids of the masters written.
+        """
         out = []
         for night, setup in sorted(self._stale_rates):
             out += self._refresh_dark_rate(night, setup)
         self._stale_rates.clear()
+        for key in sorted(self._stale_bias_health):
+            _, night, setup = key.split("|")
+            self._health_bias(night, setup, self._running[key])
+        self._stale_bias_health.clear()
         return out
 
     # ------------------------------------------------------------------ makers
@@ -250,7 +258,7 @@ class Calibrations:
             published.append(self._write_bias(key, frame, running))
             published += self._refresh_darks(night, setup)
             published += self._pending_flats(night, setup)
-            self._health_bias(night, setup, running)
+            self._stale_bias_health.add(key)
         else:
             bias = self._bias_for(night, setup)
             if bias is None:

@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 F64 = np.float64
+# pixels used by robust_std: enough for a noise figure to 0.15 %, cheap at any frame size
+_ROBUST_SAMPLE = 1 << 18
 
 
 def _truncation_factor(c: float) -> float:
@@ -77,7 +79,10 @@ def robust_std(x: ArrayLike, nsigma: float = 5.0, iters: int = 5) -> float:
     cut; the result is corrected for the truncation of a Gaussian at ``nsigma``. More
     efficient than the MAD itself (which keeps 37 % efficiency) for Gaussian noise.
     """
-    a = np.asarray(x, dtype=F64).ravel()
+    a = np.asarray(x).ravel()
+    if a.size > _ROBUST_SAMPLE:  # a regular subsample: 0.15 % precision, constant cost
+        a = a[:: a.size // _ROBUST_SAMPLE]
+    a = a.astype(F64)
     a = a[np.isfinite(a)]
     if a.size < 2:
         return float("nan")
@@ -128,7 +133,7 @@ def bias_structure(bias: ArrayLike) -> BiasStructure:
     before the row and column means are taken.
     """
     b = np.asarray(bias, dtype=F64)
-    med = float(np.median(b))
+    med = float(np.median(b[:: max(1, b.shape[0] // 512), :: max(1, b.shape[1] // 512)]))
     sig = robust_std(b - med)
     ok = np.abs(b - med) <= 5 * sig
     w = ok.astype(F64)

@@ -1,0 +1,57 @@
+"""Cost of refreshing the master bias: the 1st, the warm-up, and the 30th frame.
+
+Usage: python bench/calibration_refresh.py [--size 4096] [--frames 30]
+
+Simulates a night of biases only, then takes the frames one by one through the real
+pipeline (read, hash, header, catalog, running master, master FITS written
+atomically, camera health) and prints the wall time of each refresh. The issue's
+target: the 30th refresh costs at most 1.2 x the 1st (the master is refreshed in
+constant time, not recombined).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from observd.catalog import Catalog
+from observd.config import config_from_dict
+from observd.ingest import find_frame_files
+from observd.pipeline import Pipeline
+from observd.simulate import CameraModel, NightPlan, simulate_night
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--frames", type=int, default=30)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="observd-bench-") as tmp:
+        folder = Path(tmp)
+        plan = NightPlan(n_bias=args.frames, dark_exptimes=(), n_dark=0, filters=(), n_flat=0,
+                         targets=(), n_light=0, defects=False)  # fmt: skip
+        t0 = time.perf_counter()
+        simulate_night(folder / "sim", plan, CameraModel(size=args.size))
+        print(
+            f"simulated {args.frames} biases of {args.size} px in {time.perf_counter() - t0:.1f} s"
+        )
+        config = config_from_dict(
+            {"paths": {"products": str(folder / "products"), "catalog": str(folder / "o.sqlite")}}
+        )
+        with Catalog(config.paths.catalog) as catalog:
+            pipeline = Pipeline(config, catalog)
+            times = []
+            for path in sorted(find_frame_files([folder / "sim" / "camera"], config)):
+                t0 = time.perf_counter()
+                pipeline.process(path)
+                times.append(time.perf_counter() - t0)
+        for i, t in enumerate(times, 1):
+            print(f"bias {i:3d}: {1000 * t:7.0f} ms")
+        print(f"\n1st refresh {1000 * times[0]:.0f} ms, {len(times)}th {1000 * times[-1]:.0f} ms: "
+              f"ratio {times[-1] / times[0]:.2f} (target <= 1.2)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
