@@ -18,6 +18,21 @@ same mean and variance is used (flats, star cores). ADU are rounded to the neare
 integer, so means are unbiased. There is no non-linearity, blooming or bias jitter
 between frames: the bias of every frame is exactly ``truth/bias.fits`` plus read noise.
 
+The sky: each target has a fixed star catalogue (about 42 stars/arcmin^2 from V = 11 to
+21, with B-V colours; the same stars whatever the frame size) and a galaxy (exponential
+disc with two arms and a redder n=4 bulge) at its catalogue position. Stars are Moffat
+(beta = 3) postage stamps with exact sub-pixel centres, integrated over each pixel
+(2x2 Gauss-Legendre) and normalised to their exact flux; the galaxy is integrated the
+same way and convolved with the same PSF. Seeing wanders between 2.5 and 4 px, the sky
+falls after twilight (from 19:30) and rises with the moon (from 02:00 local), with a 1-3 %
+linear gradient; clear-sky transparency is 0.97-1.
+
+Pointing: the first light of a target defines its reference grid (identity transform).
+Later lights drift by 0.5-2 px/min, are re-centred when more than max(5 % of the frame,
+26 px) off, are dithered by up to ``NightPlan.dither`` px and rotate slowly (0.02-0.06
+deg/h); with ``meridian_flip`` the first target turns by 180 deg halfway through, with a
+8-25 px re-centring offset. Every light records its exact frame -> grid transform.
+
 Conventions used everywhere in the truth: pixel coordinates are 0-based ``(x, y)`` =
 ``(column, row)`` of the stored array with pixel centres on integers (numpy, sep, cv2,
 astropy ``origin=0``); only FITS ``CRPIX`` is 1-based. Rates are e-/s unless a file says
@@ -88,8 +103,8 @@ class CameraModel:
         Mean bias in ADU; the bias map adds per-column offsets (~1 ADU rms, a few columns
         3-6 ADU), a row gradient of 2.5 ADU bottom to top and a fixed 0.4 ADU pixel pattern.
     dark_current
-        Median dark current in e-/s/pixel at ``set_temp``; the map is lognormal
-        (0.25 dex-ish scatter, median exactly this value).
+        Median dark current in e-/s/pixel at ``set_temp``; the map is lognormal around it
+        (about 30 % scatter).
     hot_pixel_fraction
         Fraction of hot pixels (dark current 50-2000x the median, log-uniform).
     warm_columns
@@ -101,7 +116,7 @@ class CameraModel:
     saturation
         ADC maximum in ADU; every value is clipped to ``[0, saturation]``.
     set_temp
-        Cooler set point, deg C (``SET-TEMP``); ``CCD-TEMP`` sits within 0.1 C of it.
+        Cooler set point, deg C (``SET-TEMP``); ``CCD-TEMP`` sits within ~0.1 C of it.
     binning
         Binning written in ``XBINNING``/``YBINNING``; the simulated pixels are the binned ones.
     gain_setting, offset_setting, readout_mode
@@ -341,7 +356,8 @@ class FileTruth:
     ccd_temp, dark_scale
         Sensor temperature written, and the factor applied to the dark-current map.
     flat_level
-        Flats: expected mean ADU (bias included) in the central normalisation region.
+        Flats: the mean ADU aimed at (bias included) in the central normalisation region;
+        the frame's mean is within ~0.1 % of it.
     pier_side
         Lights: ``'EAST'`` or ``'WEST'``.
     written_as
@@ -349,9 +365,10 @@ class FileTruth:
     cosmic_rays
         ``[[x, y, electrons], ...]``: every pixel hit, electrons added before read noise.
     extras
-        Anything else: ``trail`` (length_px, angle_deg), ``satellite`` (x0, y0, x1, y1,
-        sigma_px, peak_e), ``flat_stars`` ([[x, y, electrons], ...]), ``stars_e_per_s``
-        is not stored (see the catalogue).
+        ``trail`` (``length_px``, ``angle_deg``: the stars are smeared along a centred line),
+        ``satellite`` (``x0, y0, x1, y1`` where it enters and leaves the frame,
+        ``sigma_px`` of its Gaussian profile, ``peak_e`` electrons on its axis),
+        ``flat_stars`` (``[[x, y, electrons], ...]`` in a twilight flat).
     """
 
     path: str

@@ -295,7 +295,7 @@ def test_camera_is_the_same_across_nights(tmp_path):
 # -- the sky: fluxes, positions, WCS, defects -------------------------------------------
 
 
-def _isolated_bright(t: NightTruth, f, lo=1e4, hi=4e5):
+def _isolated_bright(t: NightTruth, f, lo=1e4, hi=4e5, isolated=True):
     st = t.stars(f.target)
     xs, ys = f.transform.inverse(st["x"], st["y"])
     fl = np.asarray(st[f"flux_{f.filter}"]) * f.transparency * f.exptime
@@ -306,7 +306,7 @@ def _isolated_bright(t: NightTruth, f, lo=1e4, hi=4e5):
             continue
         d = np.hypot(xs - xs[k], ys - ys[k])
         d[k] = np.inf
-        if np.any((d < r + 8) & (fl > 0.01 * fl[k])):
+        if isolated and np.any((d < r + 8) & (fl > 0.01 * fl[k])):
             continue
         ok.append(k)
     return xs, ys, fl, np.array(ok, dtype=int)
@@ -321,7 +321,7 @@ def test_star_fluxes_match_the_catalogue(maxim):
         tt = t.targets[f.target]
         sky = t.read(f"sky_{tt.slug}_{f.filter}.fits").astype(np.float64)
         cal = _calibrated(t, f) - _sky_plane(t, f)
-        xs, ys, fl, idx = _isolated_bright(t, f, lo=3e3)
+        xs, ys, fl, idx = _isolated_bright(t, f, lo=3e3, isolated=False)
         if idx.size == 0:
             continue
         st = t.stars(f.target)[idx]
@@ -337,7 +337,7 @@ def test_star_fluxes_match_the_catalogue(maxim):
         ratios += list(s[keep] / fl[idx][keep] - other[keep])
         sigmas += list(noise[keep])
     ratios, sigmas = np.array(ratios), np.array(sigmas)
-    assert len(ratios) >= 6
+    assert len(ratios) >= 10
     assert np.median(ratios) == pytest.approx(1.0, abs=0.01)
     assert np.all(np.abs(ratios - 1) < 0.01 + 4.5 * sigmas), (ratios, sigmas)
     assert np.median(np.abs(ratios - 1) / sigmas) < 1.5
@@ -499,17 +499,15 @@ def test_defects_are_visible(maxim):
         box = np.max([cal[iy + a, ix + b] for a in (-1, 0, 1) for b in (-1, 0, 1)], axis=0)
         peaks.append(np.median(box / fl[use]))
     assert peaks[1] < 0.25 * peaks[0]
-    # clouds: the galaxy and its stars are ~4x fainter
-    same = next(f for f in lights if f.expected == "ok" and not f.defects
-                and f.filter == by["cloudy"].filter)
-    gal = t.targets["NGC 2903"].galaxy
-    sums = []
-    for f in (same, by["cloudy"]):
-        x, y = f.transform.inverse(gal["x"], gal["y"])
-        s, _, _ = sep.sum_circle(_calibrated(t, f) - _sky_plane(t, f), [x], [y], 60.0)
-        sums.append(s[0])
-    ratio = sums[1] / sums[0] * same.transparency
-    assert ratio == pytest.approx(by["cloudy"].transparency, abs=0.02)
+    # clouds: the galaxy and its stars are ~4x fainter than in the truth image
+    cl = by["cloudy"]
+    tt = t.targets["NGC 2903"]
+    sky = t.read(f"sky_{tt.slug}_{cl.filter}.fits").astype(np.float64)
+    x, y = cl.transform.inverse(tt.galaxy["x"], tt.galaxy["y"])
+    got, _, _ = sep.sum_circle(_calibrated(t, cl) - _sky_plane(t, cl), [x], [y], 60.0)
+    want, _, _ = sep.sum_circle(sky, [tt.galaxy["x"]], [tt.galaxy["y"]], 60.0)
+    ratio = got[0] / (want[0] * t.camera.gain * cl.exptime)
+    assert ratio == pytest.approx(cl.transparency, abs=0.01)
     # the satellite trail is a bright line across its frame
     sat = next(f for f in t.frames("light") if "satellite" in f.defects)
     s = sat.extras["satellite"]
@@ -534,8 +532,10 @@ def test_junk_files(maxim):
     assert not t.path(junk["rejected: not FITS"]).read_bytes().startswith(b"SIMPLE")
     trunc = t.path(junk["rejected: truncated"])
     assert trunc.read_bytes().startswith(b"SIMPLE") and trunc.stat().st_size % 2880 != 0
-    with pytest.raises(Exception), fits.open(trunc) as hl:  # noqa: B017 - several kinds
-        hl[0].data.sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # astropy warns of the truncation, then fails
+        with pytest.raises(Exception), fits.open(trunc) as hl:  # noqa: B017 - several kinds
+            hl[0].data.sum()
 
 
 # -- live mode ----------------------------------------------------------------------------
