@@ -147,11 +147,81 @@ def _v2(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2)
+def _v3(db: sqlite_utils.Database) -> None:
+    """Target grids and the measurements of every processed light."""
+    db["targets"].create(
+        {
+            "id": int,
+            "night": str,
+            "target": str,
+            "target_slug": str,
+            "grid_no": int,  # 1, then 2, 3... after a pointing jump
+            "name": str,  # display name: "M 51", "M 51 #2"
+            "grid": str,  # JSON: register.Grid.to_dict()
+            "pointing_ra": float,
+            "pointing_dec": float,
+            "reference_frame": int,
+            "filter_refs": str,  # JSON: filter -> {"frame_id", "flux": per grid star}
+            "created": str,
+        },
+        pk="id",
+        not_null=["night", "target", "target_slug", "grid_no", "grid", "created"],
+    )
+    db["targets"].create_index(["night", "target_slug", "grid_no"], unique=True)
+    db["lights"].create(
+        {
+            "frame_id": int,
+            "night": str,
+            "target": str,
+            "filter": str,
+            "target_id": int,
+            "bias_id": int,
+            "dark_id": int,
+            "flat_id": int,
+            "calibration": str,  # JSON: notes, skipped steps, pixel counts
+            "background": float,  # sky, ADU/s
+            "background_rms": float,  # ADU per pixel
+            "n_stars": int,
+            "fwhm": float,  # px
+            "fwhm_arcsec": float,
+            "elongation": float,
+            "transparency": float,
+            "align_method": str,
+            "align_rms": float,
+            "n_matches": int,
+            "dx": float,
+            "dy": float,
+            "rotation": float,
+            "flipped": int,
+            "verdict": str,  # accepted, rejected
+            "reason": str,
+            "numbers": str,  # JSON: the numbers behind the verdict
+            "weight": float,  # in the coadd
+            "processed": str,
+        },
+        pk="frame_id",
+        foreign_keys=[("frame_id", "frames", "id"), ("target_id", "targets", "id")],
+    )
+    db["lights"].create_index(["night", "target", "filter"])
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2, _v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Frame columns that hold JSON text.
-_JSON_COLUMNS = ("problems", "sources", "inputs", "depends", "stats", "flats", "warnings")
+_JSON_COLUMNS = (
+    "problems",
+    "sources",
+    "inputs",
+    "depends",
+    "stats",
+    "flats",
+    "warnings",
+    "grid",
+    "filter_refs",
+    "calibration",
+    "numbers",
+)
 
 
 class Catalog:
@@ -384,6 +454,41 @@ class Catalog:
             {"night": night, "setup": setup, "updated": utcnow(), **_encode(values)},
             pk=("night", "setup"),
         )
+
+    # -- targets and lights ------------------------------------------------------
+
+    def targets(self, night: str | None = None, target_slug: str | None = None) -> list[dict]:
+        where, args = [], []
+        if night:
+            where.append("night = ?")
+            args.append(night)
+        if target_slug:
+            where.append("target_slug = ?")
+            args.append(target_slug)
+        rows = self.db["targets"].rows_where(
+            " and ".join(where) or None, args, order_by="night, target_slug, grid_no"
+        )
+        return [_decode(r) for r in rows]
+
+    def insert_target(self, row: Mapping[str, Any]) -> int:
+        return int(self.db["targets"].insert({"created": utcnow(), **_encode(row)}).last_pk)
+
+    def update_target(self, target_id: int, changes: Mapping[str, Any]) -> None:
+        self.db["targets"].update(target_id, _encode(changes))
+
+    def upsert_light(self, row: Mapping[str, Any]) -> None:
+        self.db["lights"].upsert({"processed": utcnow(), **_encode(row)}, pk="frame_id")
+
+    def lights(self, where: str | None = None, args: Sequence[Any] | None = None) -> list[dict]:
+        rows = self.db.execute(
+            "select l.*, f.path, f.date_obs, f.exptime, f.status from lights l "
+            "join frames f on f.id = l.frame_id"
+            + (f" where {where}" if where else "")
+            + " order by f.date_obs, l.frame_id",
+            list(args or []),
+        )
+        columns = [d[0] for d in rows.description]
+        return [_decode(dict(zip(columns, r, strict=True))) for r in rows.fetchall()]
 
     def integrity_ok(self) -> bool:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

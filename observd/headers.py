@@ -102,6 +102,7 @@ class FrameInfo:
     problems: tuple[str, ...] = ()
     sources: Mapping[str, str] = field(default_factory=dict)
     egain: float | None = None  # e-/ADU
+    pointing: tuple[float, float] | None = None  # (RA, Dec) deg where the telescope pointed
 
     @property
     def target_slug(self) -> str | None:
@@ -413,6 +414,7 @@ def describe(
         problems=tuple(problems),
         sources=sources,
         egain=egain,
+        pointing=_pointing(cards),
     )
 
 
@@ -962,3 +964,35 @@ def _check_consistency(
         problems.append("no OBJECT, and the file and folder names do not name the target")
     if ftype in ("light", "flat") and filt is None and wheel:
         problems.append(f"a filter wheel is named ({wheel}) but the header has no FILTER")
+
+
+def _pointing(cards: _Cards) -> tuple[float, float] | None:
+    """Where the telescope pointed (deg): RA/DEC in degrees or sexagesimal, OBJCTRA/OBJCTDEC
+    (hours), else the WCS reference point. Good to a few arcseconds at best: enough to
+    notice a pointing jump, never used for astrometry."""
+    for ra_key, dec_key, hours in (("RA", "DEC", None), ("OBJCTRA", "OBJCTDEC", True),
+                                   ("CRVAL1", "CRVAL2", False)):  # fmt: skip
+        ra, dec = cards.get(ra_key), cards.get(dec_key)
+        if ra is None or dec is None:
+            continue
+        try:
+            ra_deg = _angle(ra, hours if hours is not None else isinstance(ra, str))
+            dec_deg = _angle(dec, False)
+        except ValueError:
+            continue
+        if 0 <= ra_deg < 360 and -90 <= dec_deg <= 90:
+            return ra_deg, dec_deg
+    return None
+
+
+def _angle(value: object, hours: bool) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    parts = str(value).replace(":", " ").replace("h", " ").replace("d", " ").replace("m", " ")
+    parts = parts.replace("s", " ").replace("'", " ").replace('"', " ").split()
+    if not parts:
+        raise ValueError(value)
+    sign = -1.0 if parts[0].startswith("-") else 1.0
+    numbers = [abs(float(parts[0]))] + [float(p) for p in parts[1:3]]
+    degrees = sum(n / 60**i for i, n in enumerate(numbers))
+    return sign * degrees * (15.0 if hours else 1.0)
