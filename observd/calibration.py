@@ -283,7 +283,7 @@ class Calibrations:
     def _write_dark(
         self, key: str, frame: dict[str, Any], running: _Running, bias: dict[str, Any]
     ) -> int:
-        bias_data = self._load(bias)
+        bias_data = self.load(bias)
         dark = running.master.master - bias_data
         stats = {"median_adu": float(np.median(dark)), "n_frames": running.master.n}
         return self._write_master(
@@ -315,11 +315,11 @@ class Calibrations:
         if not darks:
             return []
         bias = self._bias_for(night, setup)
-        stack = {d["exptime"]: self._load(d) for d in darks}
-        sigma = {d["exptime"]: self._load(d, "SIGMA") for d in darks}
+        stack = {d["exptime"]: self.load(d) for d in darks}
+        sigma = {d["exptime"]: self.load(d, "SIGMA") for d in darks}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            rate = fit_dark_rate(stack, sigma=sigma, bias_sigma=self._load(bias, "SIGMA"))
+            rate = fit_dark_rate(stack, sigma=sigma, bias_sigma=self.load(bias, "SIGMA"))
         hot = hot_pixel_map(rate.rate, sigma=rate.sigma)
         stats = {
             "median_rate_adu_s": float(np.median(rate.rate)),
@@ -401,7 +401,7 @@ class Calibrations:
                 logger.warning("{}: cannot re-read for {}: {}", row["path"], key, exc)
         if not kept or kept[-1] is not frame:
             return CalDecision("rejected", "cannot be read again for the flat combine", key)
-        bias_data = self._load(bias)
+        bias_data = self.load(bias)
         fates: dict[int, tuple[str, str | None]] = {}
         good = []
         for i, band in enumerate(camera.row_banding([r - bias_data for r in raws])):
@@ -598,7 +598,8 @@ class Calibrations:
 
     # ---------------------------------------------------------------- loading
 
-    def _load(self, master: dict[str, Any], extension: str | int = 0) -> np.ndarray:
+    def load(self, master: dict[str, Any], extension: str | int = 0) -> np.ndarray:
+        """A master's pixels (or one of its extensions) as float32."""
         with fits.open(master["path"], memmap=False) as hdul:
             return np.asarray(hdul[extension].data, dtype=np.float32)
 
@@ -606,19 +607,19 @@ class Calibrations:
         """A dark master as something :func:`combine_flats` can scale to any exposure."""
         if dark["kind"] == "darkrate":
             return DarkRate(
-                rate=self._load(dark),
-                offset=self._load(dark, "OFFSET"),
+                rate=self.load(dark),
+                offset=self.load(dark, "OFFSET"),
                 sigma=None,
                 model=dark["stats"].get("model", "origin"),
                 exptimes=tuple(dark["stats"].get("exptimes", ())),
             )
-        return self._load(dark) / np.float32(dark["exptime"])
+        return self.load(dark) / np.float32(dark["exptime"])
 
     def dark_image(self, dark: dict[str, Any], exptime: float) -> np.ndarray:
         """The bias-subtracted dark for an exposure time, from a dark or a rate map."""
         if dark["kind"] == "darkrate":
             return self._dark_rate(dark).dark(exptime)
-        image = self._load(dark)
+        image = self.load(dark)
         if abs(dark["exptime"] - exptime) > 1e-6 * max(1.0, exptime):
             image *= np.float32(exptime / dark["exptime"])
         return image
@@ -626,7 +627,7 @@ class Calibrations:
     def hot_pixels(self, night: str, setup: str) -> np.ndarray | None:
         self.flush()
         rate = self.catalog.nearest_masters("darkrate", setup, night, self.config.dark_max_age_days)
-        return self._load(rate[0], "HOTPIX").astype(bool) if rate else None
+        return self.load(rate[0], "HOTPIX").astype(bool) if rate else None
 
     def _known_gain(self, frame: dict[str, Any]) -> float | None:
         rows = self.catalog.camera_health(frame["night"])
@@ -689,7 +690,7 @@ class Calibrations:
         if previous is not None:
             change = camera.flat_change(
                 master,
-                self._load(previous),
+                self.load(previous),
                 warn=self.config.flat_change_warn,
                 alarm=self.config.flat_change_alarm,
             )

@@ -149,6 +149,9 @@ def _v2(db: sqlite_utils.Database) -> None:
 
 def _v3(db: sqlite_utils.Database) -> None:
     """Target grids and the measurements of every processed light."""
+    db["frames"].add_column("pointing_ra", float)
+    db["frames"].add_column("pointing_dec", float)
+    db["frames"].add_column("pixel_scale", float)  # arcsec/px from the header, if it says
     db["targets"].create(
         {
             "id": int,
@@ -193,6 +196,7 @@ def _v3(db: sqlite_utils.Database) -> None:
             "dy": float,
             "rotation": float,
             "flipped": int,
+            "matrix": str,  # JSON 2x3: frame pixel -> grid pixel
             "verdict": str,  # accepted, rejected
             "reason": str,
             "numbers": str,  # JSON: the numbers behind the verdict
@@ -221,6 +225,7 @@ _JSON_COLUMNS = (
     "filter_refs",
     "calibration",
     "numbers",
+    "matrix",
 )
 
 

@@ -103,6 +103,7 @@ class FrameInfo:
     sources: Mapping[str, str] = field(default_factory=dict)
     egain: float | None = None  # e-/ADU
     pointing: tuple[float, float] | None = None  # (RA, Dec) deg where the telescope pointed
+    pixel_scale: float | None = None  # arcsec/px from pixel size and focal length
 
     @property
     def target_slug(self) -> str | None:
@@ -415,6 +416,7 @@ def describe(
         sources=sources,
         egain=egain,
         pointing=_pointing(cards),
+        pixel_scale=_pixel_scale(cards),
     )
 
 
@@ -996,3 +998,16 @@ def _angle(value: object, hours: bool) -> float:
     numbers = [abs(float(parts[0]))] + [float(p) for p in parts[1:3]]
     degrees = sum(n / 60**i for i, n in enumerate(numbers))
     return sign * degrees * (15.0 if hours else 1.0)
+
+
+def _pixel_scale(cards: _Cards) -> float | None:
+    """arcsec/px from XPIXSZ (um, binning included as MaxIm and N.I.N.A. write it) and
+    FOCALLEN (mm), else from a WCS scale (CDELT or CD)."""
+    size, focal = cards.number("XPIXSZ"), cards.number("FOCALLEN")
+    if size and focal and size > 0 and focal > 0:
+        return 206.264806 * size / focal
+    for keys in (("CDELT1",), ("CD1_1", "CD1_2")):
+        values = [cards.number(k) for k in keys]
+        if all(v is not None for v in values) and any(values):
+            return 3600.0 * math.hypot(*values)
+    return None

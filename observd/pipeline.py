@@ -15,6 +15,7 @@ from observd.calibration import Calibrations
 from observd.catalog import Catalog
 from observd.config import Config
 from observd.ingest import Ingested, ingest_file
+from observd.lights import Aligned, LightStage
 from observd.products import Products
 
 __all__ = ["Pipeline"]
@@ -38,6 +39,8 @@ class Pipeline:
         self.catalog = catalog
         self.products = Products(config.paths.products)
         self.calibrations = Calibrations(config.calibration, catalog, self.products)
+        self.lights = LightStage(config, catalog, self.calibrations, stack=self._stack)
+        self.stacked: list[Aligned] = []
 
     def process(self, path: str | Path) -> Ingested | None:
         """Take one settled file through the stages; None when it vanished first."""
@@ -47,11 +50,22 @@ class Pipeline:
         frame = self.catalog.frame(result.frame_id)
         if frame["type"] in CALIBRATION_TYPES:
             self._calibration_frame(frame, result)
+            self.lights.retry_waiting()
+        elif frame["type"] == "light":
+            try:
+                self.lights.process(frame, result.raw.data, result.raw.header)
+            except Exception as exc:  # one bad frame must not stop the night
+                logger.exception("{}: light processing failed", frame["path"])
+                self._fail(frame, "light", exc)
         return result
 
     def finish(self) -> None:
-        """End of a run or a night: bring every derived master up to date."""
+        """End of a run or a night: masters up to date, waiting lights processed."""
         self.calibrations.flush()
+        self.lights.finish()
+
+    def _stack(self, aligned: Aligned) -> None:
+        self.stacked.append(aligned)
 
     def _calibration_frame(self, frame: dict, result: Ingested) -> None:
         try:

@@ -1,0 +1,396 @@
+"""The light path: calibrate, measure, align, judge, then hand on to the stack.
+
+A recorded light goes, in order, through :mod:`observd.reduce` (with the masters
+:class:`observd.calibration.Calibrations` selects), :mod:`observd.quality` (measure),
+:mod:`observd.register` (onto its target's grid) and the :class:`observd.quality.Judge`.
+Every outcome is one row of the catalog's ``lights`` table (the numbers) and the frame's
+status and reason:
+
+- ``waiting``: a master is missing ("waiting for flat R"); retried when one appears,
+  and at the end of a run processed with what exists (and flagged);
+- ``rejected``: with the rule and its numbers, or "no alignment: ...";
+- ``provisional``: the first frame of a filter, accepted into the judge's history but
+  held back from the stack until the next frame of that filter confirms it;
+- ``accepted``: on its way into the coadd (``stacked`` once it is in).
+
+The first accepted light of a target (any filter) defines the target's grid; a light
+of the same target pointed far away (a new field, a pointing jump) starts a new grid,
+named ``"<target> #2"``, instead of ruining the first one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+from loguru import logger
+
+from observd import quality, reduce, register
+from observd.calibration import Calibrations, Selection
+from observd.catalog import Catalog
+from observd.config import Config
+
+__all__ = ["Aligned", "LightStage"]
+
+
+@dataclass
+class Aligned:
+    """A light calibrated, judged and resampled onto its target's grid."""
+
+    frame: dict[str, Any]
+    target_id: int
+    image: np.ndarray  # float32 on the grid, ADU (not yet per second), NaN outside
+    weight: np.ndarray  # float32 0..1 coverage
+    measurement: quality.Measurement
+    transparency: float
+    alignment: register.Alignment
+
+
+class LightStage:
+    """Take lights through calibration, measurement, alignment and judgement.
+
+    Parameters
+    ----------
+    config, catalog, calibrations
+        As for the pipeline.
+    stack
+        Called with each :class:`Aligned` light that is accepted and confirmed; the
+        coadd's entry point.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        catalog: Catalog,
+        calibrations: Calibrations,
+        stack: Callable[[Aligned], None],
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.calibrations = calibrations
+        self.stack = stack
+        self._judges: dict[str, quality.Judge] = {}  # per night
+        self._grids: dict[int, register.Grid] = {}  # per target id
+        self._held: dict[int, Aligned] = {}  # provisional frames, by frame id
+
+    # ----------------------------------------------------------------- entry
+
+    def process(self, frame: dict[str, Any], data: np.ndarray, header: fits.Header) -> None:
+        """One recorded light; its status and numbers end up in the catalog."""
+        selection = self.calibrations.select(frame)
+        if not selection.ready:
+            reason = "waiting for " + ", ".join(selection.waiting)
+            self._set_status(frame, "waiting", reason)
+            return
+        self._run(frame, data, header, selection)
+
+    def retry_waiting(self, *, final: bool = False) -> None:
+        """Lights waiting for a master: process those whose masters now exist.
+
+        With ``final`` (end of a run or a night) every waiting light is processed with
+        what exists, and says what it lacked.
+        """
+        from observd.rawio import BadFrame, read_raw
+
+        for frame in self.catalog.frames("type = 'light' and status = 'waiting'"):
+            selection = self.calibrations.select(frame)
+            if not selection.ready and not final:
+                continue
+            try:
+                raw = read_raw(frame["path"])
+            except (BadFrame, OSError) as exc:
+                self._set_status(frame, "failed", f"cannot be read again: {exc}")
+                continue
+            self._run(frame, raw.data, raw.header, selection)
+
+    def finish(self) -> None:
+        """End of a run: waiting lights processed, provisional frames confirmed."""
+        self.retry_waiting(final=True)
+        for frame_id in sorted(self._held, key=lambda i: self._held[i].frame["date_obs"]):
+            aligned = self._held.pop(frame_id)
+            self._confirm(aligned, "accepted alone: no other frame of its filter to compare")
+
+    # ----------------------------------------------------------------- stages
+
+    def _run(self, frame: dict, data: np.ndarray, header: fits.Header, sel: Selection) -> None:
+        cal = self._calibrate(frame, data, sel)
+        pixel_scale = self._pixel_scale(frame, header)
+        m = quality.measure(cal.image, mask=cal.mask, saturation=None, pixel_scale=pixel_scale)
+        wcs = _frame_wcs(header) if frame.get("has_wcs") else None
+        key = (frame["target"], frame["filter"] or "")
+        judge = self._judge(frame["night"])
+        row: dict[str, Any] = {
+            "frame_id": frame["id"],
+            "night": frame["night"],
+            "target": frame["target"],
+            "filter": frame["filter"],
+            **{f"{step}_id": m_id for step, m_id in sel.ids().items()},
+            "calibration": {
+                "notes": sel.notes,
+                "skipped": sel.skipped,
+                "missing": sel.waiting,
+                "pixels": cal.counts,
+            },
+            **_metrics(m, frame["exptime"]),
+        }
+        target, alignment = self._align(frame, m, wcs, judge, key)
+        if isinstance(alignment, str):  # no alignment: the reason
+            self._reject(frame, row | {"target_id": target}, alignment, {})
+            return
+        transparency = self._transparency(target, frame, m, alignment)
+        verdict = judge.judge(key, m, transparency=transparency)
+        row |= {
+            "target_id": target,
+            "transparency": transparency,
+            "align_method": alignment.method,
+            "align_rms": alignment.rms,
+            "n_matches": alignment.n_matches,
+            "dx": alignment.dx,
+            "dy": alignment.dy,
+            "rotation": alignment.rotation_deg,
+            "flipped": int(alignment.flipped),
+            "matrix": alignment.matrix.tolist(),
+        }
+        if not verdict.accepted:
+            self._reject(frame, row, verdict.reason, verdict.numbers)
+            return
+        self._accept_into_grid(target, alignment, frame, m)
+        image, weight = register.warp(cal.image, alignment, self._grids[target], mask=cal.mask)
+        aligned = Aligned(frame, target, image, weight, m, transparency, alignment)
+        judge.accept(
+            key,
+            quality.frame_metrics(m, exptime=frame["exptime"], transparency=transparency),
+            transparency,
+            frame=frame["id"],
+        )
+        missing = sel.waiting
+        note = f"calibrated without {', '.join(missing)}" if missing else None
+        self.catalog.upsert_light(row | {"verdict": "accepted", "reason": note,
+                                         "numbers": verdict.numbers})  # fmt: skip
+        if verdict.provisional:
+            self._held[frame["id"]] = aligned
+            self._set_status(frame, "provisional", note)
+        else:
+            self._set_status(frame, "accepted", note)
+            self.stack(aligned)
+        for frame_id, revised in judge.review(key):
+            self._review(frame_id, revised)
+
+    def _calibrate(self, frame: dict, data: np.ndarray, sel: Selection) -> reduce.Calibrated:
+        load = self.calibrations.load
+        dark = None
+        if sel.dark is not None:
+            dark = self.calibrations.dark_image(sel.dark, frame["exptime"])
+        for master in (sel.bias, sel.dark, sel.flat):
+            if master is not None:
+                self.catalog.mark_master_used(master["id"])
+        return reduce.calibrate(
+            data,
+            bias=load(sel.bias) if sel.bias else None,
+            dark=dark,
+            flat=load(sel.flat) if sel.flat else None,
+            hot=self.calibrations.hot_pixels(frame["night"], frame["setup"]),
+            saturation=self.config.calibration.saturation,
+        )
+
+    def _pixel_scale(self, frame: dict, header: fits.Header) -> float | None:
+        wcs = _frame_wcs(header) if frame.get("has_wcs") else None
+        if wcs is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scales = wcs.proj_plane_pixel_scales()
+            return float(np.mean([s.to_value("arcsec") for s in scales]))
+        return frame.get("pixel_scale")
+
+    # ----------------------------------------------------------------- targets
+
+    def _targets(self, night: str, slug: str) -> list[dict[str, Any]]:
+        rows = self.catalog.targets(night, slug)
+        for row in rows:
+            if row["id"] not in self._grids:
+                self._grids[row["id"]] = register.Grid.from_dict(row["grid"])
+        return rows
+
+    def _align(self, frame, m, wcs, judge, key) -> tuple[int | None, Any]:
+        """The frame's target grid and its alignment, or the reason there is none.
+
+        A target without a grid gets one from its first light that passes the judge;
+        that light is then its own reference.
+        """
+        targets = self._targets(frame["night"], frame["target_slug"])
+        if not targets:
+            verdict = judge.judge(key, m, transparency=None)
+            if not verdict.accepted:
+                return None, verdict.reason
+            return self._new_grid(frame, m, wcs, number=1)
+        reasons = []
+        for target in reversed(targets):  # the newest grid first: where the telescope is
+            try:
+                alignment = register.align(
+                    m.stars, self._grids[target["id"]],
+                    frame_shape=(frame["ny"], frame["nx"]), wcs=wcs,
+                )  # fmt: skip
+                return target["id"], alignment
+            except register.NoAlignment as exc:
+                reasons.append(exc.reason)
+        if self._pointing_jump(frame, targets[-1]) and judge.judge(key, m).accepted:
+            logger.warning("{}: pointing jump: a new grid for {}", frame["path"], frame["target"])
+            return self._new_grid(frame, m, wcs, number=len(targets) + 1)
+        return targets[-1]["id"], reasons[0]
+
+    def _pointing_jump(self, frame: dict, target: dict) -> bool:
+        """The telescope points more than a quarter field away from the grid's reference."""
+        if frame.get("pointing_ra") is None or target.get("pointing_ra") is None:
+            return False
+        ra0, dec0 = math.radians(target["pointing_ra"]), math.radians(target["pointing_dec"])
+        ra1, dec1 = math.radians(frame["pointing_ra"]), math.radians(frame["pointing_dec"])
+        cos_d = math.sin(dec0) * math.sin(dec1) + math.cos(dec0) * math.cos(dec1) * math.cos(
+            ra1 - ra0
+        )
+        separation = math.degrees(math.acos(min(1.0, max(-1.0, cos_d)))) * 3600
+        scale = frame.get("pixel_scale") or 1.0
+        return separation > 0.25 * min(frame["nx"], frame["ny"]) * scale
+
+    def _new_grid(
+        self, frame: dict, m: quality.Measurement, wcs: WCS | None, number: int
+    ) -> tuple[int, register.Alignment]:
+        """A new target grid defined by this frame, which is its own reference."""
+        grid = register.make_grid((frame["ny"], frame["nx"]), m.stars, wcs=wcs)
+        name = frame["target"] if number == 1 else f"{frame['target']} #{number}"
+        target_id = self.catalog.insert_target(
+            {
+                "night": frame["night"],
+                "target": frame["target"],
+                "target_slug": frame["target_slug"],
+                "grid_no": number,
+                "name": name,
+                "grid": grid.to_dict(),
+                "pointing_ra": frame.get("pointing_ra"),
+                "pointing_dec": frame.get("pointing_dec"),
+                "reference_frame": frame["id"],
+                "filter_refs": {},
+            }
+        )
+        self._grids[target_id] = grid
+        self.catalog.log_event(
+            "register", "new grid", f"{name}: defined by this frame", frame_id=frame["id"],
+            details={"target_id": target_id, "shape": list(grid.shape)},
+        )  # fmt: skip
+        return target_id, register.reference_alignment(grid)
+
+    def _accept_into_grid(self, target_id: int, alignment, frame: dict, m) -> None:
+        """An accepted frame may confirm the grid's WCS, and may become a filter's
+        photometric reference."""
+        grid = self._grids[target_id]
+        updated = register.update_grid_wcs(grid, alignment)
+        changes: dict[str, Any] = {}
+        if updated is not grid:
+            self._grids[target_id] = updated
+            changes["grid"] = updated.to_dict()
+        target = next(t for t in self.catalog.targets(frame["night"]) if t["id"] == target_id)
+        refs = target["filter_refs"] or {}
+        filt = frame["filter"] or ""
+        if filt not in refs:
+            flux = np.full(len(grid.ref_x), np.nan)
+            ok = ~m.stars.saturated[alignment.matched_frame]
+            per_second = m.stars.flux[alignment.matched_frame] / frame["exptime"]
+            flux[alignment.matched_ref[ok]] = per_second[ok]
+            refs[filt] = {"frame_id": frame["id"], "flux": [_json_float(v) for v in flux]}
+            changes["filter_refs"] = refs
+        if changes:
+            self.catalog.update_target(target_id, changes)
+
+    def _transparency(self, target_id: int, frame: dict, m, alignment) -> float:
+        """Flux of the matched stars against the filter's reference frame (1.0 for the
+        reference itself, or while there is none)."""
+        if alignment.method == "reference":
+            return 1.0
+        target = next(t for t in self.catalog.targets(frame["night"]) if t["id"] == target_id)
+        ref = (target["filter_refs"] or {}).get(frame["filter"] or "")
+        if ref is None:
+            return 1.0
+        ref_flux = np.array([np.nan if v is None else v for v in ref["flux"]])
+        ok = ~m.stars.saturated[alignment.matched_frame]
+        idx_ref, idx_frame = alignment.matched_ref[ok], alignment.matched_frame[ok]
+        value = quality.transparency(ref_flux[idx_ref], m.stars.flux[idx_frame] / frame["exptime"])
+        return float(value) if math.isfinite(value) else 1.0
+
+    # ----------------------------------------------------------------- verdicts
+
+    def _judge(self, night: str) -> quality.Judge:
+        """The night's judge; after a restart rebuilt from the accepted lights."""
+        if night not in self._judges:
+            judge = quality.Judge()
+            for row in self.catalog.lights("l.night = ? and l.verdict = 'accepted'", [night]):
+                judge.accept(
+                    (row["target"], row["filter"] or ""),
+                    {k: row[k] for k in ("n_stars", "fwhm", "fwhm_arcsec", "elongation")},
+                    row["transparency"],
+                    frame=row["frame_id"],
+                )
+            self._judges[night] = judge
+        return self._judges[night]
+
+    def _review(self, frame_id: int, verdict: quality.Verdict) -> None:
+        """A provisional frame judged again once its filter has company."""
+        aligned = self._held.pop(frame_id, None)
+        if aligned is None:
+            return
+        if verdict.accepted:
+            self._confirm(aligned, None)
+        else:
+            row = {"frame_id": frame_id, "verdict": "rejected", "reason": verdict.reason,
+                   "numbers": verdict.numbers}  # fmt: skip
+            self.catalog.upsert_light(row)
+            self._set_status(aligned.frame, "rejected", verdict.reason)
+
+    def _confirm(self, aligned: Aligned, note: str | None) -> None:
+        self._set_status(aligned.frame, "accepted", note)
+        self.stack(aligned)
+
+    def _reject(self, frame: dict, row: dict, reason: str, numbers: dict) -> None:
+        self.catalog.upsert_light(row | {"verdict": "rejected", "reason": reason,
+                                         "numbers": numbers})  # fmt: skip
+        self._set_status(frame, "rejected", reason)
+
+    def _set_status(self, frame: dict, status: str, reason: str | None) -> None:
+        with self.catalog.transaction():
+            self.catalog.update_frame(frame["id"], {"status": status, "reason": reason})
+            self.catalog.log_event("light", status, reason, frame_id=frame["id"])
+        if status in ("rejected", "failed"):
+            logger.warning("{}: {}: {}", frame["path"].rsplit("/", 1)[-1], status, reason)
+        else:
+            logger.info("{}: {}{}", frame["path"].rsplit("/", 1)[-1], status,
+                        f" ({reason})" if reason else "")  # fmt: skip
+
+
+def _metrics(m: quality.Measurement, exptime: float) -> dict[str, Any]:
+    return {
+        "background": _json_float(m.background / exptime) if exptime else None,
+        "background_rms": _json_float(m.background_rms),
+        "n_stars": m.n_stars,
+        "fwhm": _json_float(m.fwhm),
+        "fwhm_arcsec": _json_float(m.fwhm_arcsec),
+        "elongation": _json_float(m.elongation),
+    }
+
+
+def _json_float(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _frame_wcs(header: fits.Header) -> WCS | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        try:
+            wcs = WCS(header, naxis=2)
+        except Exception:  # a malformed WCS is no WCS
+            return None
+    return wcs if wcs.has_celestial else None
