@@ -113,9 +113,10 @@ def test_master_flats_against_truth(night):
         ratio /= np.median(ratio[inner])
         assert np.sqrt(np.mean((ratio[inner] - 1) ** 2)) <= 0.005, filt
         # noise against the ideal for these flats (photon + read noise of each, averaged)
-        flats = [f for f in truth.frames("flat", filter=filt)]
-        signal_e = np.array([f.flat_level - truth.camera.bias_level for f in flats]) * truth.camera.gain
-        ideal = 1 / np.sqrt(np.sum(signal_e**2 / (signal_e + truth.camera.read_noise**2)))
+        cam = truth.camera
+        levels = [f.flat_level - cam.bias_level for f in truth.frames("flat", filter=filt)]
+        signal_e = np.array(levels) * cam.gain
+        ideal = 1 / np.sqrt(np.sum(signal_e**2 / (signal_e + cam.read_noise**2)))
         resid = ratio[inner] - 1
         measured = 1.4826 * np.median(np.abs(np.diff(resid, axis=1))) / np.sqrt(2)
         assert measured <= 1.1 * ideal, (filt, measured / ideal)
