@@ -274,6 +274,10 @@ class Alignment:
     grid_wcs
         The frame's WCS carried onto the grid by this alignment (for
         :func:`update_grid_wcs`), or None.
+    projection_residual
+        Largest departure (px) over the frame of the header pair from an affine map; None
+        without a header pair. Above ~0.1 px the projections truly differ (another camera,
+        another night's grid): :func:`reproject_to_grid` is the right resampler.
     """
 
     matrix: NDArray[np.float64]
@@ -291,6 +295,7 @@ class Alignment:
     star_coverage: float = 1.0
     wcs_residual: float | None = None
     grid_wcs: WCS | None = field(default=None, repr=False)
+    projection_residual: float | None = None
 
     def apply(self, x: ArrayLike, y: ArrayLike) -> tuple[NDArray[F64], NDArray[F64]]:
         """Frame pixel coordinates -> grid pixel coordinates."""
@@ -311,6 +316,8 @@ class Alignment:
             "footprint_fraction": float(self.footprint_fraction),
             "star_coverage": float(self.star_coverage),
             "wcs_residual": None if self.wcs_residual is None else float(self.wcs_residual),
+            "projection_residual": None if self.projection_residual is None
+            else float(self.projection_residual),
         }
 
 
@@ -386,10 +393,12 @@ def align(
     fit: _Fit | None = None
     wcs_residual: float | None = None
     m_wcs: NDArray[F64] | None = None
+    projection: float | None = None
     gw = grid.wcs if grid.wcs is not None else grid.wcs_candidate
     if wcs is not None and gw is not None:
-        m_wcs = _wcs_affine(wcs, gw, shape)
-        if m_wcs is not None:
+        pair = _wcs_affine(wcs, gw, shape)
+        if pair is not None:
+            m_wcs, projection = pair
             fit, wcs_residual = _align_wcs(m_wcs, frame, fnoise, ref, shape, min_matches,
                                            model)
             if fit is not None:
@@ -411,7 +420,8 @@ def align(
             grid_wcs = _carry_wcs(wcs, fit.matrix, shape, grid.shape)
         except (ValueError, np.linalg.LinAlgError):  # pragma: no cover - exotic headers
             grid_wcs = None
-    return _make_alignment(fit, method, shape, grid, wcs_residual, grid_wcs)
+    return replace(_make_alignment(fit, method, shape, grid, wcs_residual, grid_wcs),
+                   projection_residual=projection)
 
 
 def update_grid_wcs(grid: Grid, alignment: Alignment) -> Grid:
@@ -680,7 +690,8 @@ def _fit(src: NDArray[F64], dst: NDArray[F64], model: str,
 
 def _mutual_pairs(p: NDArray[F64], ref: _Ref, radius: float) -> tuple[NDArray[np.intp],
                                                                        NDArray[np.intp]]:
-    """Pairs (frame i, ref j) that are each other's nearest neighbour within ``radius``."""
+    """One-to-one pairs (frame i, ref j): each frame star's nearest reference star within
+    ``radius``, and of the frame stars claiming the same reference star only the closest."""
     d, j = ref.tree.query(p, distance_upper_bound=radius)
     ok = np.isfinite(d)
     i = np.nonzero(ok)[0]
@@ -763,19 +774,22 @@ def _accept(fit: _Fit | None, frame: NDArray[F64], ref: _Ref, min_matches: int) 
 # --------------------------------------------------------------------------------------
 
 
-def _wcs_affine(frame_wcs: WCS, grid_wcs: WCS, shape: tuple[int, int]) -> NDArray[F64] | None:
-    """The affine map frame px -> grid px implied by the two headers (fit on a 7x7 lattice)."""
+def _wcs_affine(frame_wcs: WCS, grid_wcs: WCS,
+                shape: tuple[int, int]) -> tuple[NDArray[F64], float] | None:
+    """The affine map frame px -> grid px implied by the two headers (fit on a 7x7 lattice)
+    and the largest deviation of the headers from it (px): the projection difference."""
     ny, nx = shape
     gx, gy = np.meshgrid(np.linspace(0, nx - 1, 7), np.linspace(0, ny - 1, 7))
     src = np.column_stack([gx.ravel(), gy.ravel()])
     try:
         world = frame_wcs.celestial.all_pix2world(src, 0)
-        dst = grid_wcs.all_world2pix(world, 0, quiet=True)
+        dst = np.asarray(grid_wcs.all_world2pix(world, 0, quiet=True), dtype=F64)
     except Exception:  # noqa: BLE001 - any failure of a header means: do not use it
         return None
     if not np.all(np.isfinite(dst)):
         return None
-    return _fit_affine(src, np.asarray(dst, dtype=F64))
+    m = _fit_affine(src, dst)
+    return m, float(np.max(np.hypot(*(_apply_xy(m, src) - dst).T)))
 
 
 def _wcs_error(m_wcs: NDArray[F64], fit: _Fit, frame: NDArray[F64]) -> float:
@@ -1086,11 +1100,12 @@ def _nan_outside(out: NDArray[np.float32], box: tuple[int, int, int, int]) -> No
 def _fill_bad(img: NDArray[np.float32], bad: NDArray[np.bool_], ys: NDArray[np.intp],
               xs: NDArray[np.intp]) -> NDArray[np.float32]:
     """A copy with bad pixels replaced by the mean of their good 5x5 neighbours, growing
-    inwards for large holes (saturated cores); the frame median as a last resort."""
+    inwards for large holes (saturated cores); the frame median as a last resort.
+    ``bad`` is used as scratch (cleared where filled)."""
     if ys.size > _DENSE_BAD * img.size:
         return _fill_bad_dense(img, bad)
     out = img.copy()
-    todo = bad.copy()
+    todo = bad
     ny, nx = img.shape
     off = np.arange(-2, 3)
     oy = np.repeat(off, 5)[None, :]
@@ -1107,8 +1122,8 @@ def _fill_bad(img: NDArray[np.float32], bad: NDArray[np.bool_], ys: NDArray[np.i
         ys, xs = ys[~done], xs[~done]
         if ys.size == 0:
             return out
-    rest = img[~bad]
-    out[ys, xs] = np.float32(np.median(rest)) if rest.size else np.float32(0.0)
+    sample = out[::8, ::8][~todo[::8, ::8]]
+    out[ys, xs] = np.float32(np.median(sample)) if sample.size else np.float32(0.0)
     return out
 
 

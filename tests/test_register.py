@@ -283,6 +283,7 @@ def test_perturbed_wcs_is_detected_and_exact_wcs_is_used(night: Night) -> None:
     assert len(exact_wcs) >= 0.7 * len(by_mode["exact"])
     for r in exact_wcs:
         assert r.alignment.wcs_residual < 0.1
+        assert r.alignment.projection_residual < 0.01  # same camera: affine is exact
         assert r.error is not None and r.error <= 0.2
 
 
@@ -479,7 +480,7 @@ def test_cubic_warp_keeps_fwhm_within_2_percent_and_flux_within_0p5_percent() ->
 def test_warp_footprint_mask_and_no_ringing() -> None:
     n = 128
     img = np.full((n, n), 100.0, dtype=np.float32)
-    img[60:64, 60:64] = 60000.0  # a saturated core: garbage the kernel must not see
+    img[56:68, 56:68] = 60000.0  # a saturated core: garbage the kernel must not see
     img[20, 30] = np.nan  # a dead pixel
     mask = img > 50000
     grid = make_grid((n, n), Stars(*(np.arange(8.0),) * 6))
