@@ -128,6 +128,7 @@ class Calibrations:
         # something needs it (a flat, a light, the end of a run), not at every dark
         self._stale_rates: set[tuple[str, str]] = set()
         self._stale_bias_health: set[str] = set()  # bias keys whose health is not measured
+        self._cache: dict[tuple[int, str | int], np.ndarray] = {}  # master pixels, LRU
 
     def flush(self) -> list[int]:
         """Bring derived products up to date (dark-rate maps, bias health).
@@ -599,9 +600,22 @@ class Calibrations:
     # ---------------------------------------------------------------- loading
 
     def load(self, master: dict[str, Any], extension: str | int = 0) -> np.ndarray:
-        """A master's pixels (or one of its extensions) as float32."""
+        """A master's pixels (or one of its extensions) as float32, read-only.
+
+        A master version never changes, so the last few read are kept in memory: every
+        light of a filter uses the same bias, dark and flat.
+        """
+        key = (master["id"], extension)
+        if key in self._cache:
+            self._cache[key] = self._cache.pop(key)  # most recently used last
+            return self._cache[key]
         with fits.open(master["path"], memmap=False) as hdul:
-            return np.asarray(hdul[extension].data, dtype=np.float32)
+            data = np.asarray(hdul[extension].data, dtype=np.float32)
+        data.flags.writeable = False
+        self._cache[key] = data
+        while len(self._cache) > self.config.cache_masters:
+            self._cache.pop(next(iter(self._cache)))
+        return data
 
     def _dark_rate(self, dark: dict[str, Any]) -> DarkRate | np.ndarray:
         """A dark master as something :func:`combine_flats` can scale to any exposure."""
@@ -621,7 +635,7 @@ class Calibrations:
             return self._dark_rate(dark).dark(exptime)
         image = self.load(dark)
         if abs(dark["exptime"] - exptime) > 1e-6 * max(1.0, exptime):
-            image *= np.float32(exptime / dark["exptime"])
+            image = image * np.float32(exptime / dark["exptime"])
         return image
 
     def hot_pixels(self, night: str, setup: str) -> np.ndarray | None:

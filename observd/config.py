@@ -148,6 +148,8 @@ class CalibrationConfig:
     flat_change_warn: float = 0.01
     flat_change_alarm: float = 0.02
     """A flat that changed this much since the previous night raises a warning / alarm."""
+    cache_masters: int = 8
+    """Master images kept in memory (a 4096 px master is 64 MB)."""
 
 
 @dataclass(frozen=True)

@@ -120,9 +120,10 @@ def repair_pixels(image: np.ndarray, bad: np.ndarray) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all neighbours bad: NaN, handled
         fill = np.nanmedian(values, axis=0)
-    finite = np.isfinite(image)
-    fallback = np.median(image[finite]) if finite.any() else 0.0
-    image[ys, xs] = np.where(np.isfinite(fill), fill, fallback)
+    lost = ~np.isfinite(fill)
+    if lost.any():  # no good neighbour at all: the frame's typical value
+        fill[lost] = _sky(image)[0]
+    image[ys, xs] = fill
     return int(ys.size)
 
 
@@ -157,7 +158,7 @@ def cosmic_ray_mask(
 
 def _sky(image: np.ndarray) -> tuple[float, float]:
     """Sky level and noise from a subsample (robust: median and MAD)."""
-    step = max(1, int(np.sqrt(image.size / 250_000)))
+    step = max(1, int(np.sqrt(image.size / 65_536)))
     sample = image[::step, ::step]
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
