@@ -207,6 +207,25 @@ def _v3(db: sqlite_utils.Database) -> None:
         foreign_keys=[("frame_id", "frames", "id"), ("target_id", "targets", "id")],
     )
     db["lights"].create_index(["night", "target", "filter"])
+    db["coadds"].create(
+        {
+            "id": int,
+            "night": str,
+            "target_id": int,
+            "target": str,  # display name of the grid
+            "filter": str,
+            "n_frames": int,
+            "checkpoint": str,  # the .npz of the running state
+            "checkpoint_frames": str,  # JSON: frame ids that checkpoint holds
+            "fits": str,
+            "png": str,
+            "stats": str,
+            "updated": str,
+        },
+        pk="id",
+        foreign_keys=[("target_id", "targets", "id")],
+    )
+    db["coadds"].create_index(["target_id", "filter"], unique=True)
 
 
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2, _v3)

@@ -153,6 +153,22 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class StackConfig:
+    """The running coadds and their products."""
+
+    warmup: int = 3
+    """Frames combined jointly before outliers are judged against the running mean."""
+    clip_sigma: float = 5.0
+    """Outlier threshold, in sigma of the noise model (beyond the PSF-mismatch margin)."""
+    checkpoint_frames: int = 5
+    """Frames between checkpoints of a coadd: a crash loses at most these (redone)."""
+    publish_seconds: float = 10.0
+    """Products are rewritten after an accepted frame, at most this often."""
+    png_max_size: int = 2048
+    """Largest side of quick-look and colour PNGs, px."""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration."""
 
@@ -163,6 +179,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
     source: Path | None = None
     """The file this config was read from (None: built-in defaults)."""
 

@@ -116,6 +116,35 @@ class LightStage:
             aligned = self._held.pop(frame_id)
             self._confirm(aligned, "accepted alone: no other frame of its filter to compare")
 
+    def grid(self, target_id: int) -> register.Grid:
+        if target_id not in self._grids:
+            (row,) = [t for t in self.catalog.targets() if t["id"] == target_id]
+            self._grids[target_id] = register.Grid.from_dict(row["grid"])
+        return self._grids[target_id]
+
+    def reconstruct(self, frame: dict[str, Any]) -> Aligned:
+        """A light already judged and stacked, made again from its raw frame with the
+        masters and the transform the catalog recorded (after a crash, to re-add the
+        frames a coadd's last checkpoint does not hold; no judging twice)."""
+        from dataclasses import replace
+
+        from observd.rawio import read_raw
+
+        (light,) = self.catalog.lights("l.frame_id = ?", [frame["id"]])
+        sel = Selection(
+            bias=self.catalog.master(light["bias_id"]) if light["bias_id"] else None,
+            dark=self.catalog.master(light["dark_id"]) if light["dark_id"] else None,
+            flat=self.catalog.master(light["flat_id"]) if light["flat_id"] else None,
+        )
+        raw = read_raw(frame["path"])
+        cal = self._calibrate(frame, raw.data, sel, count_use=False)
+        grid = self.grid(light["target_id"])
+        alignment = replace(register.reference_alignment(grid), matrix=np.array(light["matrix"]))
+        image, weight = register.warp(cal.image, alignment, grid, mask=cal.mask)
+        m = quality.measure(cal.image, mask=cal.mask)
+        return Aligned(frame, light["target_id"], image, weight, m,
+                       light["transparency"] or 1.0, alignment)  # fmt: skip
+
     # ----------------------------------------------------------------- stages
 
     def _run(self, frame: dict, data: np.ndarray, header: fits.Header, sel: Selection) -> None:
@@ -182,13 +211,15 @@ class LightStage:
         for frame_id, revised in judge.review(key):
             self._review(frame_id, revised)
 
-    def _calibrate(self, frame: dict, data: np.ndarray, sel: Selection) -> reduce.Calibrated:
+    def _calibrate(
+        self, frame: dict, data: np.ndarray, sel: Selection, *, count_use: bool = True
+    ) -> reduce.Calibrated:
         load = self.calibrations.load
         dark = None
         if sel.dark is not None:
             dark = self.calibrations.dark_image(sel.dark, frame["exptime"])
         for master in (sel.bias, sel.dark, sel.flat):
-            if master is not None:
+            if master is not None and count_use:
                 self.catalog.mark_master_used(master["id"])
         return reduce.calibrate(
             data,

@@ -7,16 +7,19 @@ use it, so a night re-run in the morning goes through exactly the code that ran 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from loguru import logger
 
 from observd.calibration import Calibrations
 from observd.catalog import Catalog
+from observd.coadds import Coadds
 from observd.config import Config
 from observd.ingest import Ingested, ingest_file
 from observd.lights import Aligned, LightStage
 from observd.products import Products
+from observd.rawio import BadFrame, read_raw
 
 __all__ = ["Pipeline"]
 
@@ -40,13 +43,20 @@ class Pipeline:
         self.products = Products(config.paths.products)
         self.calibrations = Calibrations(config.calibration, catalog, self.products)
         self.lights = LightStage(config, catalog, self.calibrations, stack=self._stack)
-        self.stacked: list[Aligned] = []
+        self.coadds = Coadds(config.stack, catalog, self.products)
+        self._resume_coadds()
 
     def process(self, path: str | Path) -> Ingested | None:
         """Take one settled file through the stages; None when it vanished first."""
         result = ingest_file(path, self.catalog, self.config)
-        if result is None or not result.new or result.status != "recorded":
+        if result is None or result.status != "recorded":
             return result
+        if not result.new:  # recorded before a crash, never taken further: now
+            try:
+                result.raw = read_raw(path)
+            except (BadFrame, OSError) as exc:
+                logger.warning("{}: cannot be read again: {}", path, exc)
+                return result
         frame = self.catalog.frame(result.frame_id)
         if frame["type"] in CALIBRATION_TYPES:
             self._calibration_frame(frame, result)
@@ -63,9 +73,57 @@ class Pipeline:
         """End of a run or a night: masters up to date, waiting lights processed."""
         self.calibrations.flush()
         self.lights.finish()
+        self.coadds.flush()
 
     def _stack(self, aligned: Aligned) -> None:
-        self.stacked.append(aligned)
+        """Fold an accepted light into its coadd."""
+        frame = aligned.frame
+        (target,) = [
+            t for t in self.catalog.targets(frame["night"]) if t["id"] == aligned.target_id
+        ]
+        (light,) = self.catalog.lights("l.frame_id = ?", [frame["id"]])
+        health = [
+            h for h in self.catalog.camera_health(frame["night"]) if h["setup"] == frame["setup"]
+        ]
+        stacked, reason = self.coadds.add(
+            frame=frame,
+            target=target,
+            grid=self.lights.grid(aligned.target_id),
+            image=aligned.image,
+            weight=aligned.weight,
+            fwhm=aligned.measurement.fwhm,
+            transparency=aligned.transparency,
+            gain=health[0].get("gain") if health else None,
+            masters=[light["bias_id"], light["dark_id"], light["flat_id"]],
+        )
+        status = "stacked" if stacked else "rejected"
+        with self.catalog.transaction():
+            self.catalog.update_frame(
+                frame["id"],
+                {"status": status, "reason": reason if not stacked else frame.get("reason")},
+            )
+            self.catalog.log_event("stack", status, reason, frame_id=frame["id"])
+
+    def _resume_coadds(self) -> None:
+        """After a crash: frames stacked after a coadd's last checkpoint, added again once."""
+        for row in self.catalog.db["coadds"].rows:
+            held = set(json.loads(row["checkpoint_frames"] or "[]"))
+            lights = self.catalog.lights(
+                "l.target_id = ? and coalesce(l.filter, '') = ? "
+                "and f.status in ('stacked', 'accepted')",
+                [row["target_id"], row["filter"]],
+            )
+            missing = [light for light in lights if light["frame_id"] not in held]
+            for light in missing:
+                frame = self.catalog.frame(light["frame_id"])
+                try:
+                    self._stack(self.lights.reconstruct(frame))
+                except Exception as exc:  # the raw frame vanished, ...
+                    logger.exception("{}: cannot be stacked again", frame["path"])
+                    self._fail(frame, "stack", exc)
+            if missing:
+                logger.info("coadd {} {}: {} frames after its checkpoint added again",
+                            row["target"], row["filter"], len(missing))  # fmt: skip
 
     def _calibration_frame(self, frame: dict, result: Ingested) -> None:
         try:

@@ -1,0 +1,304 @@
+"""The night's running coadds: one per target grid and filter, checkpointed and published.
+
+:class:`Coadds` owns the :class:`observd.stack.RunningCoadd` objects of the night. Each
+accepted light is folded into its coadd; the products (the coadd FITS with its EXPMAP
+and FRAMES extensions, a PNG quick-look, the target's RGB composite once it has three
+filters) are written atomically after each frame or at most every
+``stack.publish_seconds``, and the coadd's state is checkpointed every
+``stack.checkpoint_frames`` frames. The catalog's ``coadds`` table records which frames
+each checkpoint holds, so after a crash the coadd resumes from its checkpoint and the
+frames stacked after it are added again, exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from loguru import logger
+
+from observd import __version__, render
+from observd.catalog import Catalog
+from observd.config import StackConfig
+from observd.products import Products, atomic_write, atomic_write_fits
+from observd.register import Grid
+from observd.stack import FrameInput, RunningCoadd, fit_sky
+
+__all__ = ["Coadds"]
+
+
+@dataclass
+class _Live:
+    """One coadd in memory, with what is not yet on disk."""
+
+    id: int
+    coadd: RunningCoadd
+    target_id: int
+    night: str
+    target: str  # display name of the grid: "M 51", "M 51 #2"
+    filter: str
+    grid: Grid
+    since_checkpoint: int = 0
+    published: float = 0.0  # monotonic time of the last product write
+    dirty: bool = False
+    masters: set[int] = field(default_factory=set)
+
+
+class Coadds:
+    """Fold accepted lights into their coadds and publish them.
+
+    Parameters
+    ----------
+    config
+        The ``[stack]`` section.
+    catalog, products
+        Where the state and the products go.
+    """
+
+    def __init__(self, config: StackConfig, catalog: Catalog, products: Products) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.products = products
+        self._live: dict[tuple[int, str], _Live] = {}
+
+    def add(
+        self,
+        *,
+        frame: dict[str, Any],
+        target: dict[str, Any],
+        grid: Grid,
+        image: np.ndarray,
+        weight: np.ndarray,
+        fwhm: float,
+        transparency: float,
+        gain: float | None,
+        masters: list[int],
+    ) -> tuple[bool, str | None]:
+        """Fold one aligned light (ADU on the grid) into its coadd.
+
+        Returns
+        -------
+        (stacked, reason)
+            ``reason`` says why a frame was refused (too many pixels disagree).
+        """
+        live = self._get(target, frame["filter"] or "", grid)
+        per_second = image / np.float32(frame["exptime"])
+        sky = fit_sky(per_second)
+        report = live.coadd.add(
+            FrameInput(
+                per_second,
+                sky_rms=sky.rms,
+                exptime=frame["exptime"],
+                fwhm=fwhm if np.isfinite(fwhm) else 3.0,
+                frame_id=frame["id"],
+                coverage=weight,
+                scale=1.0 / transparency if transparency > 0 else 1.0,
+                sky=sky.map(),
+                gain=gain,
+            )
+        )
+        for record, why in report.revised:  # the warm-up's joint judgement, now final
+            if why:
+                self._refused(record.frame_id, why)
+        if not report.accepted:
+            return False, report.reason
+        live.masters.update(m for m in masters if m)
+        live.since_checkpoint += 1
+        live.dirty = True
+        self.catalog.db["lights"].update(frame["id"], {"weight": report.weight})
+        if live.since_checkpoint >= self.config.checkpoint_frames:
+            self._checkpoint(live)
+        if time.monotonic() - live.published >= self.config.publish_seconds:
+            self._publish(live)
+        return True, None
+
+    def _refused(self, frame_id: int, reason: str) -> None:
+        """A frame the coadd's warm-up judgement left out after all."""
+        self.catalog.db["lights"].update(frame_id, {"verdict": "rejected", "reason": reason})
+        self.catalog.update_frame(frame_id, {"status": "rejected", "reason": reason})
+        self.catalog.log_event("stack", "rejected", reason, frame_id=frame_id)
+
+    def flush(self) -> None:
+        """Write every coadd's products and checkpoint (end of a run, shutdown)."""
+        for live in self._live.values():
+            if live.dirty or live.since_checkpoint:
+                self._checkpoint(live)
+                self._publish(live)
+
+    # ----------------------------------------------------------------- state
+
+    def _get(self, target: dict[str, Any], filt: str, grid: Grid) -> _Live:
+        key = (target["id"], filt)
+        if key in self._live:
+            return self._live[key]
+        rows = list(
+            self.catalog.db["coadds"].rows_where(
+                "target_id = ? and filter = ?", [target["id"], filt]
+            )
+        )
+        if rows:
+            coadd = self._resume(rows[0], grid)
+            coadd_id = rows[0]["id"]
+        else:
+            coadd = self._new_coadd(grid)
+            coadd_id = int(
+                self.catalog.db["coadds"]
+                .insert(
+                    {
+                        "night": target["night"],
+                        "target_id": target["id"],
+                        "target": target["name"],
+                        "filter": filt,
+                        "n_frames": 0,
+                    }
+                )  # fmt: skip
+                .last_pk
+            )
+        live = _Live(coadd_id, coadd, target["id"], target["night"], target["name"], filt, grid)
+        self._live[key] = live
+        return live
+
+    def _new_coadd(self, grid: Grid) -> RunningCoadd:
+        return RunningCoadd(grid.shape, warmup=self.config.warmup, clip=self.config.clip_sigma)
+
+    def _resume(self, row: dict[str, Any], grid: Grid) -> RunningCoadd:
+        """The coadd as of its last checkpoint (the caller re-adds the frames after it)."""
+        path = row.get("checkpoint")
+        if path:
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    coadd = RunningCoadd.from_state(dict(data))
+                logger.info("coadd {} {}: resumed from its checkpoint ({} frames)",
+                            row["target"], row["filter"], coadd.n_frames)  # fmt: skip
+                return coadd
+            except (OSError, ValueError, KeyError) as exc:
+                logger.warning("coadd {} {}: checkpoint unusable ({}); rebuilding",
+                               row["target"], row["filter"], exc)  # fmt: skip
+        return self._new_coadd(grid)
+
+    def frames_in(self, target_id: int, filt: str) -> set[int]:
+        """Frame ids the live coadd holds (after a resume: those of its checkpoint)."""
+        live = self._live.get((target_id, filt))
+        return set(live.coadd.frame_ids) if live else set()
+
+    def _checkpoint(self, live: _Live) -> None:
+        state = live.coadd.state()
+        path = self.products.state_dir() / f"coadd_{live.id}.npz"
+
+        atomic_write(path, lambda fh: np.savez(fh, **state))
+        self.catalog.db["coadds"].update(
+            live.id,
+            {
+                "checkpoint": str(path),
+                "checkpoint_frames": json.dumps(live.coadd.frame_ids),
+                "n_frames": live.coadd.n_frames,
+            },
+        )
+        live.since_checkpoint = 0
+
+    # ----------------------------------------------------------------- products
+
+    def _publish(self, live: _Live) -> None:
+        coadd = live.coadd
+        if coadd.n_frames == 0:
+            return
+        fits_path = self.products.stack(live.night, live.target, live.filter)
+        png_path = self.products.stack(live.night, live.target, live.filter, ".png")
+        image = coadd.image
+        atomic_write_fits(fits_path, self._hdus(live, image))
+        render.quicklook(image, png_path, max_size=self.config.png_max_size)
+        self.catalog.db["coadds"].update(
+            live.id,
+            {
+                "n_frames": coadd.n_frames,
+                "fits": str(fits_path),
+                "png": str(png_path),
+                "stats": json.dumps(_jsonable(coadd.stats)),
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
+        live.published, live.dirty = time.monotonic(), False
+        self._rgb(live)
+
+    def _hdus(self, live: _Live, image: np.ndarray) -> fits.HDUList:
+        coadd = live.coadd
+        header = fits.Header()
+        if live.grid.wcs is not None:
+            header.update(live.grid.wcs.to_header())
+        header["BUNIT"] = ("adu/s", "calibrated, per second, at the reference transparency")
+        header["EXPTIME"] = (coadd.total_exptime, "s, total exposure used")
+        header["NCOMBINE"] = coadd.n_frames
+        header["FILTER"] = live.filter
+        header["OBJECT"] = live.target
+        dates = [f["date_obs"] for f in self.catalog.frames(
+            f"id in ({','.join(str(i) for i in coadd.frame_ids)})")]  # fmt: skip
+        if dates:
+            header["DATE-OBS"] = min(dates)[:23]
+            header["DATE-END"] = max(dates)[:23]
+        header["FWHM"] = (round(float(coadd.fwhm), 3), "px, weighted mean of the frames")
+        header["CREATOR"] = f"observd {__version__}"
+        for master_id in sorted(live.masters):
+            m = self.catalog.master(master_id)
+            header.add_history(f"master {m['kind']} v{m['version']} {m['path'].rsplit('/', 1)[-1]}")
+        primary = fits.PrimaryHDU(image.astype(np.float32), header)
+        expmap = fits.ImageHDU(coadd.exposure.astype(np.float32), name="EXPMAP")
+        expmap.header["BUNIT"] = "s"
+        return fits.HDUList([primary, expmap, self._frames_table(live)])
+
+    def _frames_table(self, live: _Live) -> fits.BinTableHDU:
+        """Every light of this target and filter with its fate."""
+        records = {r.frame_id: r for r in live.coadd.frames}
+        lights = self.catalog.lights(
+            "l.target_id = ? and coalesce(l.filter, '') = ?", [live.target_id, live.filter]
+        )
+        rows = []
+        for light in lights:
+            rec = records.get(light["frame_id"])
+            fate = (
+                "used"
+                if rec
+                else ("rejected" if light["verdict"] == "rejected" else light["status"])
+            )
+            rows.append(
+                (
+                    light["path"].rsplit("/", 1)[-1],
+                    light["date_obs"] or "",
+                    fate,
+                    (light["reason"] or "") if not rec else "",
+                    rec.weight if rec else 0.0,
+                    light["fwhm"] or np.nan,
+                    light["transparency"] if light["transparency"] is not None else np.nan,
+                )
+            )
+        names = ("FILE", "DATE_OBS", "FATE", "REASON", "WEIGHT", "FWHM", "TRANSP")
+        table = Table(rows=rows or None, names=names,
+                      dtype=("U200", "U32", "U16", "U200", "f8", "f8", "f8"))  # fmt: skip
+        return fits.BinTableHDU(table, name="FRAMES")
+
+    def _rgb(self, live: _Live) -> None:
+        """The target's colour composite once three of its filters have coadds."""
+        mine = {f: v for (tid, f), v in self._live.items() if tid == live.target_id}
+        mapping = render.choose_mapping(sorted(mine))
+        if mapping is None:
+            return
+        channels = {f: v.coadd.image for f, v in mine.items() if v.coadd.n_frames}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", render.RenderWarning)
+            try:
+                rgb = render.rgb_composite(channels, mapping)
+            except (KeyError, ValueError) as exc:
+                logger.warning("{}: no colour composite: {}", live.target, exc)
+                return
+        render.to_png(
+            rgb, self.products.rgb(live.night, live.target), max_size=self.config.png_max_size
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: float(v) if np.isscalar(v) else str(v)))
