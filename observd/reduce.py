@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
 __all__ = ["Calibrated", "calibrate", "repair_pixels", "cosmic_ray_mask"]
@@ -109,9 +108,8 @@ def repair_pixels(image: np.ndarray, bad: np.ndarray) -> int:
     if ys.size == 0:
         return 0
     ny, nx = image.shape
-    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-    values = np.full((len(offsets), ys.size), np.nan, dtype=F32)
-    for k, (dy, dx) in enumerate(offsets):
+    values = np.full((len(_NEIGHBOURS), ys.size), np.nan, dtype=F32)
+    for k, (dy, dx) in enumerate(_NEIGHBOURS):
         yy, xx = ys + dy, xs + dx
         inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
         yy, xx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
@@ -139,21 +137,34 @@ def cosmic_ray_mask(
     A pixel is a hit when it is ``nsigma`` above the sky and more than ``factor`` times
     as far above the sky as its brightest neighbour. A star sampled at FWHM >= 2 px has
     its peak at most ~2-3 times its neighbours; a single-pixel hit has neighbours at sky.
-    The neighbours of a hit are added when they too stand out (hits spill over). Cheap
-    (a 3x3 dilation), so it runs on every frame.
+    The neighbours of a hit are added when they too stand out (hits spill over). Only
+    the pixels above ``nsigma`` are examined (a few per cent of a frame), so the cost is
+    about two passes over the image.
     """
     sky, sigma = _sky(image)
-    above = image - F32(sky)
-    kernel = np.ones((3, 3), np.uint8)
-    kernel[1, 1] = 0
-    neighbours = cv2.dilate(above, kernel)
-    hits = (above > nsigma * sigma) & (above > factor * np.maximum(neighbours, F32(sigma)))
+    bright = image > F32(sky + nsigma * sigma)
     if exclude is not None:
-        hits &= ~exclude
-    if hits.any():
-        grown = cv2.dilate(hits.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-        hits |= grown & (above > nsigma * sigma)
+        bright &= ~exclude
+    ys, xs = np.nonzero(bright)
+    hits = np.zeros(image.shape, dtype=bool)
+    if ys.size == 0:
+        return hits
+    above = image[ys, xs] - F32(sky)
+    neighbours = np.full(ys.size, -np.inf, dtype=F32)
+    ny, nx = image.shape
+    for dy, dx in _NEIGHBOURS:
+        yy, xx = np.clip(ys + dy, 0, ny - 1), np.clip(xs + dx, 0, nx - 1)
+        np.maximum(neighbours, image[yy, xx] - F32(sky), out=neighbours)
+    is_hit = above > factor * np.maximum(neighbours, F32(sigma))
+    hy, hx = ys[is_hit], xs[is_hit]
+    hits[hy, hx] = True
+    for dy, dx in _NEIGHBOURS:  # spill-over: bright neighbours of a hit
+        yy, xx = np.clip(hy + dy, 0, ny - 1), np.clip(hx + dx, 0, nx - 1)
+        hits[yy, xx] |= bright[yy, xx]
     return hits
+
+
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
 
 def _sky(image: np.ndarray) -> tuple[float, float]:
