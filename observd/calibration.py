@@ -639,9 +639,10 @@ class Calibrations:
         return image
 
     def hot_pixels(self, night: str, setup: str) -> np.ndarray | None:
+        """The hot-pixel map of the nearest dark-rate master (bool), if any."""
         self.flush()
         rate = self.catalog.nearest_masters("darkrate", setup, night, self.config.dark_max_age_days)
-        return self.load(rate[0], "HOTPIX").astype(bool) if rate else None
+        return self.load(rate[0], "HOTPIX") > 0 if rate else None
 
     def _known_gain(self, frame: dict[str, Any]) -> float | None:
         rows = self.catalog.camera_health(frame["night"])

@@ -78,6 +78,7 @@ class LightStage:
         self._judges: dict[str, quality.Judge] = {}  # per night
         self._grids: dict[int, register.Grid] = {}  # per target id
         self._held: dict[int, Aligned] = {}  # provisional frames, by frame id
+        self._prepared: dict[tuple, reduce.Masters] = {}  # the last masters combination
 
     # ----------------------------------------------------------------- entry
 
@@ -214,18 +215,25 @@ class LightStage:
     def _calibrate(
         self, frame: dict, data: np.ndarray, sel: Selection, *, count_use: bool = True
     ) -> reduce.Calibrated:
-        load = self.calibrations.load
-        dark = None
-        if sel.dark is not None:
-            dark = self.calibrations.dark_image(sel.dark, frame["exptime"])
+        ids = (*(m["id"] if m else None for m in (sel.bias, sel.dark, sel.flat)), frame["exptime"])
+        if ids not in self._prepared:  # every light of a filter shares its masters
+            load = self.calibrations.load
+            dark = None
+            if sel.dark is not None:
+                dark = self.calibrations.dark_image(sel.dark, frame["exptime"])
+            self._prepared = {
+                ids: reduce.prepare(
+                    load(sel.bias) if sel.bias else None,
+                    dark,
+                    load(sel.flat) if sel.flat else None,
+                )
+            }
         for master in (sel.bias, sel.dark, sel.flat):
             if master is not None and count_use:
                 self.catalog.mark_master_used(master["id"])
         return reduce.calibrate(
             data,
-            bias=load(sel.bias) if sel.bias else None,
-            dark=dark,
-            flat=load(sel.flat) if sel.flat else None,
+            self._prepared[ids],
             hot=self.calibrations.hot_pixels(frame["night"], frame["setup"]),
             saturation=self.config.calibration.saturation,
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Calibrated", "calibrate", "repair_pixels", "cosmic_ray_mask"]
+__all__ = ["Calibrated", "Masters", "calibrate", "cosmic_ray_mask", "prepare", "repair_pixels"]
 
 F32 = np.float32
 
@@ -38,32 +38,69 @@ class Calibrated:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def calibrate(
-    raw: np.ndarray,
-    *,
+@dataclass(frozen=True)
+class Masters:
+    """The masters of a light, combined once for all the lights that share them:
+    ``offset`` = bias + dark (ADU), ``inverse_flat`` = 1 / flat (0 where the flat is
+    dead), ``dead`` = where it is. Applying them is then one subtraction and one
+    multiplication per light."""
+
+    offset: np.ndarray | None = None
+    inverse_flat: np.ndarray | None = None
+    dead: np.ndarray | None = None
+
+
+def prepare(
     bias: np.ndarray | None = None,
     dark: np.ndarray | None = None,
     flat: np.ndarray | None = None,
+    *,
+    min_flat: float = 0.05,
+) -> Masters:
+    """Combine the selected masters for :func:`calibrate`.
+
+    Parameters
+    ----------
+    bias, dark, flat
+        Master bias (ADU), bias-subtracted dark scaled to the light's exposure (ADU) and
+        normalised flat; None skips the step (done upstream, or not available).
+    min_flat
+        Flat values below this (or not finite) are dead: masked, not divided by.
+    """
+    offset = None
+    if bias is not None or dark is not None:
+        offset = np.zeros_like(bias if bias is not None else dark, dtype=F32)
+        for part in (bias, dark):
+            if part is not None:
+                offset += part
+    inverse, dead = None, None
+    if flat is not None:
+        dead = ~(flat >= min_flat)  # NaN counts as dead
+        inverse = np.zeros(flat.shape, dtype=F32)
+        np.divide(F32(1.0), flat, out=inverse, where=~dead)
+    return Masters(offset, inverse, dead)
+
+
+def calibrate(
+    raw: np.ndarray,
+    masters: Masters,
+    *,
     hot: np.ndarray | None = None,
     saturation: float | None = 65535.0,
-    min_flat: float = 0.05,
     cosmic_factor: float | None = 4.0,
 ) -> Calibrated:
-    """Calibrate one light with the selected masters.
+    """Calibrate one light: (raw - bias - dark) / flat, with cosmetic correction.
 
     Parameters
     ----------
     raw
-        The raw light (ADU, any numeric dtype).
-    bias, dark, flat
-        Master bias (ADU), bias-subtracted dark scaled to the light's exposure (ADU) and
-        normalised flat; None skips the step (done upstream, or not available).
+        The raw light (ADU, any numeric dtype); never modified.
+    masters
+        From :func:`prepare`.
     hot
         Hot-pixel map (bool) from the dark-rate master: repaired from neighbours.
     saturation
         Raw ADU at or above which a pixel is saturated (masked).
-    min_flat
-        Flat values below this are dead (masked, not divided by).
     cosmic_factor
         Mask pixels brighter than this many times their brightest neighbour above the
         sky (sharper than any star can be); None switches cosmic-ray masking off.
@@ -78,15 +115,12 @@ def calibrate(
     if saturation is not None:
         np.greater_equal(raw, saturation, out=mask)
         counts["saturated"] = int(mask.sum())
-    if bias is not None:
-        image -= bias
-    if dark is not None:
-        image -= dark
-    if flat is not None:
-        dead = ~(flat >= min_flat)  # NaN counts as dead
-        counts["dead_flat"] = int(dead.sum())
-        mask |= dead
-        np.divide(image, np.where(dead, F32(1.0), flat), out=image)
+    if masters.offset is not None:
+        image -= masters.offset
+    if masters.inverse_flat is not None:
+        image *= masters.inverse_flat
+        counts["dead_flat"] = int(masters.dead.sum())
+        mask |= masters.dead
     if hot is not None:
         counts["hot"] = repair_pixels(image, hot)
     if cosmic_factor is not None:

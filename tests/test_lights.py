@@ -11,7 +11,7 @@ from observd.config import load_config
 from observd.ingest import find_frame_files, in_time_order
 from observd.pipeline import Pipeline
 from observd.rawio import read_raw
-from observd.reduce import calibrate
+from observd.reduce import calibrate, prepare
 from observd.simulate import CameraModel, NightPlan, simulate_night
 from tests.conftest import write_config
 
@@ -92,12 +92,10 @@ def test_calibrated_sky_is_flat_to_half_a_percent(night):
                   and f.filter == "V")  # fmt: skip
     load = pipeline.calibrations.load
     dark = pipeline.calibrations.dark_image(catalog.master(row["dark_id"]), f.exptime)
-    cal = calibrate(
-        read_raw(truth.path(f)).data,
-        bias=load(catalog.master(row["bias_id"])),
-        dark=dark,
-        flat=load(catalog.master(row["flat_id"])),
+    masters = prepare(
+        load(catalog.master(row["bias_id"])), dark, load(catalog.master(row["flat_id"]))
     )
+    cal = calibrate(read_raw(truth.path(f)).data, masters)
     n = truth.camera.size
     # the scene without the sky (stars, galaxy) taken out with the truth, then the sky
     # compared with its true (gradient) model in blocks

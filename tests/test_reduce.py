@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from observd.reduce import calibrate, cosmic_ray_mask, repair_pixels
+from observd.reduce import calibrate, cosmic_ray_mask, prepare, repair_pixels
 
 
 def _star_field(rng, n=256, fwhm=2.5):
@@ -22,7 +22,7 @@ def test_calibration_removes_bias_dark_and_flat_exactly():
     dark = rng.uniform(0, 20, (64, 64)).astype(np.float32)
     flat = rng.uniform(0.8, 1.1, (64, 64)).astype(np.float32)
     raw = (sky * flat + bias + dark).astype(np.float32)
-    out = calibrate(raw, bias=bias, dark=dark, flat=flat, cosmic_factor=None)
+    out = calibrate(raw, prepare(bias, dark, flat), cosmic_factor=None)
     np.testing.assert_allclose(out.image, sky, rtol=1e-5)
     assert not out.mask.any()
     assert raw.dtype == np.float32 and raw[0, 0] == (sky * flat + bias + dark)[0, 0]  # untouched
@@ -34,7 +34,7 @@ def test_saturated_and_dead_flat_pixels_are_masked_and_filled():
     flat = np.ones((32, 32), np.float32)
     flat[10, 10] = 0.0
     flat[11, 11] = np.nan
-    out = calibrate(raw, bias=np.full((32, 32), 1000, np.float32), flat=flat)
+    out = calibrate(raw, prepare(np.full((32, 32), 1000, np.float32), None, flat))
     assert out.mask[5, 5] and out.mask[10, 10] and out.mask[11, 11]
     assert out.counts["saturated"] == 1 and out.counts["dead_flat"] == 2
     assert np.isfinite(out.image).all() and out.image[10, 10] == 1000
