@@ -105,10 +105,12 @@ class LightStage:
                 continue
             try:
                 raw = read_raw(frame["path"])
+                self._run(frame, raw.data, raw.header, selection)
             except (BadFrame, OSError) as exc:
                 self._set_status(frame, "failed", f"cannot be read again: {exc}")
-                continue
-            self._run(frame, raw.data, raw.header, selection)
+            except Exception as exc:  # one bad frame must not stop the night
+                logger.exception("{}: light processing failed", frame["path"])
+                self._set_status(frame, "failed", f"light failed: {type(exc).__name__}: {exc}")
 
     def finish(self) -> None:
         """End of a run: waiting lights processed, provisional frames confirmed."""

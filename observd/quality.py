@@ -711,14 +711,16 @@ def _refine(
 
     # isolation: no other peak above 10 % of the star's within 2 FWHM + 2 px
     px_, py_, pv_ = det["peaks"]
-    tree = _tree(det)
     k = min(6, len(px_))
-    dist, nb = tree.query(np.column_stack([xc, yc]), k=k)
-    dist, nb = dist.reshape(n, k), nb.reshape(n, k)
-    nbc = np.minimum(nb, len(px_) - 1)
-    close = (dist < 2.0 * fw_guess + 2.0) & (dist > 0.75 * det["binning"]) & (nb < len(px_))
-    brighter = pv_[nbc] > 0.1 * det["peak_f"][which][:, None]
-    isolated = ~np.any(close & brighter, axis=1)
+    if k == 0:  # no peak list to compare with: nothing is known to crowd the stars
+        isolated = np.ones(n, dtype=bool)
+    else:
+        dist, nb = _tree(det).query(np.column_stack([xc, yc]), k=k)
+        dist, nb = dist.reshape(n, k), nb.reshape(n, k)
+        nbc = np.minimum(nb, len(px_) - 1)
+        close = (dist < 2.0 * fw_guess + 2.0) & (dist > 0.75 * det["binning"]) & (nb < len(px_))
+        brighter = pv_[nbc] > 0.1 * det["peak_f"][which][:, None]
+        isolated = ~np.any(close & brighter, axis=1)
     return {
         "x": x0 + ix,
         "y": y0 + iy,
