@@ -231,7 +231,7 @@ class Coadds:
         header = fits.Header()
         if live.grid.wcs is not None:
             header.update(live.grid.wcs.to_header())
-        header["BUNIT"] = ("adu/s", "calibrated, per second, at the reference transparency")
+        header["BUNIT"] = ("adu/s", "per second, at the reference transparency")
         header["EXPTIME"] = (coadd.total_exptime, "s, total exposure used")
         header["NCOMBINE"] = coadd.n_frames
         header["FILTER"] = live.filter

@@ -381,6 +381,7 @@ def test_quality_stars_are_accepted(night: Night) -> None:
     assert truth_error(al.matrix, on_grid(r.f.transform.array, r.grid), (SIZE, SIZE)) <= 0.2
 
 
+@pytest.mark.slow
 def test_1024_px_night_with_every_wcs_mode_and_a_flip(tmp_path: Path) -> None:
     plan = NightPlan(n_bias=1, dark_exptimes=(60.0,), n_dark=1, n_flat=1, targets=("M 51",),
                      filters=("R", "V"), n_light=5, wcs="mixed", meridian_flip=True, seed=1)
