@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from loguru import logger
 
-from observd import quality, reduce, register
+from observd import quality, reduce, register, render
 from observd.calibration import Calibrations, Selection
 from observd.catalog import Catalog
 from observd.config import Config
@@ -129,8 +129,6 @@ class LightStage:
         """A light already judged and stacked, made again from its raw frame with the
         masters and the transform the catalog recorded (after a crash, to re-add the
         frames a coadd's last checkpoint does not hold; no judging twice)."""
-        from dataclasses import replace
-
         from observd.rawio import read_raw
 
         (light,) = self.catalog.lights("l.frame_id = ?", [frame["id"]])
@@ -143,9 +141,10 @@ class LightStage:
         cal = self._calibrate(frame, raw.data, sel, count_use=False)
         grid = self.grid(light["target_id"])
         alignment = replace(register.reference_alignment(grid), matrix=np.array(light["matrix"]))
-        image, weight = register.warp(cal.image, alignment, grid, mask=cal.mask)
-        m = quality.measure(cal.image, mask=cal.mask)
-        return Aligned(frame, light["target_id"], image, weight, m,
+        image = _luminance(cal.image, frame.get("bayer"))
+        warped, weight = register.warp(image, alignment, grid, mask=cal.mask)
+        m = quality.measure(image, mask=cal.mask)
+        return Aligned(frame, light["target_id"], warped, weight, m,
                        light["transparency"] or 1.0, alignment)  # fmt: skip
 
     # ----------------------------------------------------------------- stages
@@ -153,7 +152,8 @@ class LightStage:
     def _run(self, frame: dict, data: np.ndarray, header: fits.Header, sel: Selection) -> None:
         cal = self._calibrate(frame, data, sel)
         pixel_scale = self._pixel_scale(frame, header)
-        m = quality.measure(cal.image, mask=cal.mask, saturation=None, pixel_scale=pixel_scale)
+        image = _luminance(cal.image, frame.get("bayer"))
+        m = quality.measure(image, mask=cal.mask, pixel_scale=pixel_scale)
         wcs = _frame_wcs(header) if frame.get("has_wcs") else None
         key = (frame["target"], frame["filter"] or "")
         judge = self._judge(frame["night"])
@@ -193,7 +193,7 @@ class LightStage:
             self._reject(frame, row, verdict.reason, verdict.numbers)
             return
         self._accept_into_grid(target, alignment, frame, m)
-        image, weight = register.warp(cal.image, alignment, self._grids[target], mask=cal.mask)
+        image, weight = register.warp(image, alignment, self._grids[target], mask=cal.mask)
         aligned = Aligned(frame, target, image, weight, m, transparency, alignment)
         judge.accept(
             key,
@@ -409,6 +409,21 @@ class LightStage:
         else:
             logger.info("{}: {}{}", frame["path"].rsplit("/", 1)[-1], status,
                         f" ({reason})" if reason else "")  # fmt: skip
+
+
+def _luminance(image: np.ndarray, bayer: str | None) -> np.ndarray:
+    """A colour (Bayer) frame as one image: the mean of its debayered channels.
+
+    Under a colour mosaic neighbouring pixels see different colours: measured as they
+    are, stars look square and elongated, and a warp mixes the colours. Bilinear
+    debayering keeps full resolution (superpixels would leave stars of a small
+    telescope undersampled, their shapes unmeasurable). The mono coadd of a colour
+    camera is this luminance.
+    """
+    if not bayer:
+        return image
+    r, g, b = render.debayer(image, bayer)
+    return (r + g + b) / np.float32(3.0)
 
 
 def _metrics(m: quality.Measurement, exptime: float) -> dict[str, Any]:

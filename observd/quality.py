@@ -967,7 +967,12 @@ class QualityRules:
     min_stars
         Absolute: fewer detected sources -> ``"no stars"`` (dome closed, overcast, lost).
     max_elongation
-        Absolute: median major/minor FWHM above it -> ``"trailing"``.
+        Median major/minor FWHM above it -> ``"trailing"``, except where the recent frames
+        (as for the FWHM rule) are themselves above ``max_elongation / elongation_factor``
+        (an instrument whose stars are never round): then above ``elongation_factor``
+        times their median.
+    elongation_factor
+        See ``max_elongation``.
     fwhm_factor
         Relative: FWHM above this times the recent median -> ``"seeing/focus"``.
     max_fwhm_px, max_fwhm_arcsec
@@ -995,6 +1000,7 @@ class QualityRules:
 
     min_stars: int = 5
     max_elongation: float = 1.4
+    elongation_factor: float = 1.25
     fwhm_factor: float = 1.6
     max_fwhm_px: float | None = None
     max_fwhm_arcsec: float | None = None
@@ -1180,10 +1186,21 @@ class Judge:
             fails.append(f"no stars: {_fmt_int(n)} detected (< {r.min_stars})")
         elif not math.isfinite(v["fwhm"]):
             fails.append(f"no stars: {_fmt_int(n)} sources, none measurable as a star")
-        # 2. trailing
+        # 2. trailing: beyond the absolute limit, unless this instrument's recent frames
+        # are all that elongated (an alt-az field, a tilted sensor): then beyond a
+        # factor of their median
         el = v["elongation"]
         if math.isfinite(el) and el > r.max_elongation:
-            fails.append(f"trailing: elongation {el:.2f} > {r.max_elongation:g}")
+            scope, hist = self._fwhm_history(key, own)
+            usual = _median(e["elongation"] for e in hist)
+            nums["elongation_ref"] = usual
+            if not (math.isfinite(usual) and usual > r.max_elongation / r.elongation_factor):
+                fails.append(f"trailing: elongation {el:.2f} > {r.max_elongation:g}")
+            elif el > r.elongation_factor * usual:
+                fails.append(
+                    f"trailing: elongation {el:.2f} > {r.elongation_factor:g} x recent "
+                    f"median {usual:.2f}"
+                )
         # 3. seeing/focus
         fw = v["fwhm"]
         if math.isfinite(fw):
