@@ -22,7 +22,6 @@ twice.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -523,7 +522,7 @@ class Calibrations:
                 "n_frames": len(inputs),
                 "inputs": inputs,
                 "depends": depends,
-                "stats": _jsonable(stats),
+                "stats": stats,
             }
         )
         if previous and not previous["used"]:
@@ -533,7 +532,7 @@ class Calibrations:
             "calibration",
             "master",
             f"{key} v{version} from {len(inputs)} frames",
-            details={"master_id": mid, **_jsonable(stats)},
+            details={"master_id": mid, **stats},
         )
         logger.info("master {} v{} ({} frames) -> {}", key, version, len(inputs), current.name)
         return mid
@@ -748,7 +747,7 @@ class Calibrations:
             if row.get("dark_current_adu") is not None:
                 values["dark_current_e"] = row["dark_current_adu"] * gain
         values["warnings"] = _health_warnings({**row, **values})
-        self.catalog.upsert_camera(night, setup, _jsonable(values))
+        self.catalog.upsert_camera(night, setup, values)
 
 
 def _health_warnings(row: dict[str, Any]) -> list[str]:
@@ -780,7 +779,3 @@ def _nights_apart(a: str, b: str) -> int:
     from datetime import date
 
     return abs((date.fromisoformat(a) - date.fromisoformat(b)).days)
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: float(v) if np.isscalar(v) else str(v)))

@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import sqlite_utils
 
-__all__ = ["Catalog", "CatalogError", "SCHEMA_VERSION", "utcnow"]
+__all__ = ["Catalog", "CatalogError", "SCHEMA_VERSION", "json_text", "utcnow"]
 
 
 class CatalogError(RuntimeError):
@@ -385,7 +386,7 @@ class Catalog:
                 "stage": stage,
                 "action": action,
                 "reason": reason,
-                "details": json.dumps(details, default=str) if details else None,
+                "details": json_text(details) if details else None,
             }
         )
 
@@ -518,11 +519,20 @@ class Catalog:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+def json_text(value: Any) -> str:
+    """JSON for the catalog: numpy scalars as numbers, anything else odd as text."""
+    return json.dumps(value, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
 def _encode(row: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(row)
+    out = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
     for key in _JSON_COLUMNS:
         if key in out and out[key] is not None and not isinstance(out[key], str):
-            out[key] = json.dumps(out[key], default=str)
+            out[key] = json_text(out[key])
     return out
 
 

@@ -24,7 +24,7 @@ from astropy.table import Table
 from loguru import logger
 
 from observd import __version__, render
-from observd.catalog import Catalog
+from observd.catalog import Catalog, json_text
 from observd.config import StackConfig
 from observd.products import Products, atomic_write, atomic_write_fits
 from observd.register import Grid
@@ -219,7 +219,7 @@ class Coadds:
                 "n_frames": coadd.n_frames,
                 "fits": str(fits_path),
                 "png": str(png_path),
-                "stats": json.dumps(_jsonable(coadd.stats)),
+                "stats": json_text(coadd.stats),
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
             },
         )
@@ -298,7 +298,3 @@ class Coadds:
         render.to_png(
             rgb, self.products.rgb(live.night, live.target), max_size=self.config.png_max_size
         )
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: float(v) if np.isscalar(v) else str(v)))
