@@ -182,11 +182,6 @@ class Coadds:
                                row["target"], row["filter"], exc)  # fmt: skip
         return self._new_coadd(grid)
 
-    def frames_in(self, target_id: int, filt: str) -> set[int]:
-        """Frame ids the live coadd holds (after a resume: those of its checkpoint)."""
-        live = self._live.get((target_id, filt))
-        return set(live.coadd.frame_ids) if live else set()
-
     def _checkpoint(self, live: _Live) -> None:
         state = live.coadd.state()
         path = self.products.state_dir() / f"coadd_{live.id}.npz"
