@@ -220,8 +220,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     with Catalog(config.paths.catalog) as catalog:
         counts = _ingest(Pipeline(config, catalog), list(config.paths.incoming), config)
-        print(f"  ingested in {time.monotonic() - t0:.1f} s: {counts}\n")
+        print(f"  processed in {time.monotonic() - t0:.1f} s: {counts}\n")
         print(format_status(status_data(catalog)))
+        print("\nstacks:")
+        for row in catalog.db["coadds"].rows_where(order_by="target, filter"):
+            frames = f"{row['n_frames']:>3} frames"
+            print(f"  {row['target']:<10} {row['filter']:<4} {frames}  {row['fits']}")
+        for rgb in sorted(config.paths.products.glob("stacks/*/*/*_rgb.png")):
+            print(f"  colour           {rgb}")
     print(
         f"\nconfig   {config_path}\ncatalog  {config.paths.catalog}\n"
         f"products {config.paths.products}\ntruth    {out / 'truth'}\n"
