@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from astropy.io import fits
 
 from observd.cli import main
 from observd.simulate import CameraModel, NightPlan, load_truth, simulate_night
@@ -58,3 +59,16 @@ def test_live_junk_gets_the_reasons_the_truth_predicts(tmp_path):
     ignored = [f for f in truth.files if f.expected.startswith("ignored")]
     for f in ignored:
         assert truth.path(f).absolute() not in rows
+
+
+def test_demo_runs_the_night_and_leaves_stacks_and_colour(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "stacks:" in out and "colour" in out
+    stacks = sorted((tmp_path / "demo" / "products" / "stacks").rglob("*.fits"))
+    assert len(stacks) == 6  # two targets x three filters
+    header = fits.getheader(stacks[0])
+    assert header["NCOMBINE"] >= 3 and header["EXPTIME"] >= 180
+    assert fits.getdata(stacks[0], "EXPMAP").max() >= 180
+    assert len(fits.getdata(stacks[0], "FRAMES")) >= header["NCOMBINE"]
+    assert len(list((tmp_path / "demo" / "products" / "stacks").rglob("*_rgb.png"))) == 2
