@@ -125,6 +125,11 @@ class LightStage:
             self._grids[target_id] = register.Grid.from_dict(row["grid"])
         return self._grids[target_id]
 
+    def hold(self, aligned: Aligned) -> None:
+        """Hold a provisional frame back from the stack again (after a restart); it is
+        stacked at the end of the run unless a review rejects it first."""
+        self._held[aligned.frame["id"]] = aligned
+
     def reconstruct(self, frame: dict[str, Any]) -> Aligned:
         """A light already judged and stacked, made again from its raw frame with the
         masters and the transform the catalog recorded (after a crash, to re-add the

@@ -105,7 +105,14 @@ class Pipeline:
             self.catalog.log_event("stack", status, reason, frame_id=frame["id"])
 
     def _resume_coadds(self) -> None:
-        """After a crash: frames stacked after a coadd's last checkpoint, added again once."""
+        """After a crash: frames stacked after a coadd's last checkpoint are added again,
+        once, and provisional frames (held in memory) are held again."""
+        for frame in self.catalog.frames("type = 'light' and status = 'provisional'"):
+            try:
+                self.lights.hold(self.lights.reconstruct(frame))
+            except Exception as exc:  # the raw frame vanished, ...
+                logger.exception("{}: cannot be held again", frame["path"])
+                self._fail(frame, "light", exc)
         for row in self.catalog.db["coadds"].rows:
             held = set(json.loads(row["checkpoint_frames"] or "[]"))
             lights = self.catalog.lights(
