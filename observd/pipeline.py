@@ -113,24 +113,24 @@ class Pipeline:
             except Exception as exc:  # the raw frame vanished, ...
                 logger.exception("{}: cannot be held again", frame["path"])
                 self._fail(frame, "light", exc)
-        for row in self.catalog.db["coadds"].rows:
-            held = set(json.loads(row["checkpoint_frames"] or "[]"))
-            lights = self.catalog.lights(
-                "l.target_id = ? and coalesce(l.filter, '') = ? "
-                "and f.status in ('stacked', 'accepted')",
-                [row["target_id"], row["filter"]],
-            )
-            missing = [light for light in lights if light["frame_id"] not in held]
-            for light in missing:
-                frame = self.catalog.frame(light["frame_id"])
-                try:
-                    self._stack(self.lights.reconstruct(frame))
-                except Exception as exc:  # the raw frame vanished, ...
-                    logger.exception("{}: cannot be stacked again", frame["path"])
-                    self._fail(frame, "stack", exc)
-            if missing:
-                logger.info("coadd {} {}: {} frames after its checkpoint added again",
-                            row["target"], row["filter"], len(missing))  # fmt: skip
+        held: dict[tuple[int, str], set[int]] = {
+            (row["target_id"], row["filter"]): set(json.loads(row["checkpoint_frames"] or "[]"))
+            for row in self.catalog.db["coadds"].rows
+        }
+        missing = [
+            light
+            for light in self.catalog.lights("f.status in ('stacked', 'accepted')")
+            if light["frame_id"] not in held.get((light["target_id"], light["filter"] or ""), ())
+        ]
+        for light in missing:
+            frame = self.catalog.frame(light["frame_id"])
+            try:
+                self._stack(self.lights.reconstruct(frame))
+            except Exception as exc:  # the raw frame vanished, ...
+                logger.exception("{}: cannot be stacked again", frame["path"])
+                self._fail(frame, "stack", exc)
+        if missing:
+            logger.info("{} frames stacked after the last checkpoints added again", len(missing))
 
     def _calibration_frame(self, frame: dict, result: Ingested) -> None:
         try:
