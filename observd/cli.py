@@ -67,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders, recursive")
     p.set_defaults(func=cmd_ingest)
 
+    p = sub.add_parser(
+        "restack", parents=[common], help="rebuild a night's stacks with the best masters now"
+    )
+    p.add_argument("--night", metavar="YYYY-MM-DD", required=True)
+    p.add_argument("--target", metavar="NAME", help="only this target (e.g. 'M 51')")
+    p.set_defaults(func=cmd_restack)
+
     p = sub.add_parser("status", parents=[common], help="what the catalog holds")
     p.add_argument("--night", metavar="YYYY-MM-DD", help="only this night")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -150,6 +157,18 @@ def _ingest(pipeline: Pipeline, roots: list[Path], config: Config) -> dict[str, 
         ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing",
     )
     return counts
+
+
+def cmd_restack(args: argparse.Namespace) -> int:
+    from observd.headers import slugify
+
+    config = _config(args)
+    setup_logging(_log_level(args), config.log_dir)
+    with Catalog(config.paths.catalog) as catalog:
+        pipeline = Pipeline(config, catalog)
+        n = pipeline.restack(args.night, slugify(args.target) if args.target else None)
+    print(f"restacked {n} lights of {args.night}" + (f" ({args.target})" if args.target else ""))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import json
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,6 +118,20 @@ class Coadds:
         if time.monotonic() - live.published >= self.config.publish_seconds:
             self._publish(live)
         return True, None
+
+    def reset(self, target_ids: list[int]) -> None:
+        """Forget the coadds of these target grids (a restack): rows, checkpoints and
+        products go; the raw frames and the lights' verdicts stay."""
+        for key in [k for k in self._live if k[0] in target_ids]:
+            del self._live[key]
+        for target_id in target_ids:
+            for row in self.catalog.db["coadds"].rows_where("target_id = ?", [target_id]):
+                for path in (row["checkpoint"], row["fits"], row["png"]):
+                    if path:
+                        Path(path).unlink(missing_ok=True)
+                self.catalog.db["coadds"].delete(row["id"])
+            target = self.catalog.db["targets"].get(target_id)
+            self.products.rgb(target["night"], target["name"]).unlink(missing_ok=True)
 
     def _refused(self, frame_id: int, reason: str) -> None:
         """A frame the coadd's warm-up judgement left out after all."""

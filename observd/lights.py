@@ -130,20 +130,36 @@ class LightStage:
         stacked at the end of the run unless a review rejects it first."""
         self._held[aligned.frame["id"]] = aligned
 
-    def reconstruct(self, frame: dict[str, Any]) -> Aligned:
-        """A light already judged and stacked, made again from its raw frame with the
-        masters and the transform the catalog recorded (after a crash, to re-add the
-        frames a coadd's last checkpoint does not hold; no judging twice)."""
+    def reconstruct(self, frame: dict[str, Any], *, reselect: bool = False) -> Aligned:
+        """A light already judged, made again from its raw frame with the transform the
+        catalog recorded (no judging twice).
+
+        Without ``reselect``, with the masters it was calibrated with (after a crash, to
+        re-add the frames a coadd's last checkpoint does not hold); with it, with the
+        masters that are best now (a restack after dawn flats or more darks arrived),
+        and the catalog says which.
+        """
         from observd.rawio import read_raw
 
         (light,) = self.catalog.lights("l.frame_id = ?", [frame["id"]])
-        sel = Selection(
-            bias=self.catalog.master(light["bias_id"]) if light["bias_id"] else None,
-            dark=self.catalog.master(light["dark_id"]) if light["dark_id"] else None,
-            flat=self.catalog.master(light["flat_id"]) if light["flat_id"] else None,
-        )
+        if reselect:
+            sel = self.calibrations.select(frame)
+            self.catalog.upsert_light(
+                {
+                    "frame_id": frame["id"],
+                    **{f"{step}_id": m_id for step, m_id in sel.ids().items()},
+                    "calibration": {**(light["calibration"] or {}), "notes": sel.notes,
+                                    "skipped": sel.skipped, "missing": sel.waiting},
+                }
+            )  # fmt: skip
+        else:
+            sel = Selection(
+                bias=self.catalog.master(light["bias_id"]) if light["bias_id"] else None,
+                dark=self.catalog.master(light["dark_id"]) if light["dark_id"] else None,
+                flat=self.catalog.master(light["flat_id"]) if light["flat_id"] else None,
+            )
         raw = read_raw(frame["path"])
-        cal = self._calibrate(frame, raw.data, sel, count_use=False)
+        cal = self._calibrate(frame, raw.data, sel, count_use=reselect)
         grid = self.grid(light["target_id"])
         alignment = replace(register.reference_alignment(grid), matrix=np.array(light["matrix"]))
         image = _luminance(cal.image, frame.get("bayer"))

@@ -75,6 +75,34 @@ class Pipeline:
         self.lights.finish()
         self.coadds.flush()
 
+    def restack(self, night: str, target_slug: str | None = None) -> int:
+        """Rebuild the coadds of a night (or one target) from the raw frames, with the
+        masters that are best now; returns the number of lights stacked.
+
+        The lights' verdicts and transforms are kept: only calibration and stacking are
+        redone, so a restack after dawn flats or more darks gives the stacks the night
+        would have given with those masters from the start.
+        """
+        self.calibrations.flush()
+        targets = self.catalog.targets(night, target_slug)
+        self.coadds.reset([t["id"] for t in targets])
+        ids = ",".join(str(t["id"]) for t in targets) or "NULL"
+        lights = self.catalog.lights(f"l.target_id in ({ids}) and l.verdict = 'accepted'")
+        stacked = 0
+        for light in lights:
+            frame = self.catalog.frame(light["frame_id"])
+            try:
+                self._stack(self.lights.reconstruct(frame, reselect=True))
+                stacked += 1
+            except Exception as exc:  # the raw frame vanished, ...
+                logger.exception("{}: cannot be stacked again", frame["path"])
+                self._fail(frame, "stack", exc)
+        self.coadds.flush()
+        self.catalog.log_event("stack", "restack", f"night {night}"
+                               + (f", target {target_slug}" if target_slug else ""),
+                               details={"lights": stacked})  # fmt: skip
+        return stacked
+
     def _stack(self, aligned: Aligned) -> None:
         """Fold an accepted light into its coadd."""
         frame = aligned.frame

@@ -63,3 +63,36 @@ def test_a_crash_mid_night_gives_the_same_stacks(tmp_path, when):
     assert statuses_a == statuses_b
     for cat in (cat_a, cat_b):
         cat.close()
+
+
+def test_restack_after_late_flats_uses_them(tmp_path, capsys):
+    from observd.cli import main
+
+    plan = NightPlan(n_bias=5, n_dark=3, dark_exptimes=(60.0,), n_flat=5, filters=("R", "V"),
+                     targets=("M 51",), n_light=6, meridian_flip=False, defects=False)  # fmt: skip
+    truth = simulate_night(tmp_path / "sim", plan, CameraModel(size=256))
+    config_path = write_config(tmp_path, incoming=str(truth.camera_dir))
+    config = load_config(config_path)
+    paths = in_time_order(find_frame_files([truth.camera_dir], config), config)
+    flats = [p for p in paths if truth.file(p).type == "flat"]
+    with Catalog(config.paths.catalog) as catalog:
+        pipeline = Pipeline(config, catalog)
+        for path in paths:  # the night without its flats: lights wait, then go on without
+            if path not in flats:
+                pipeline.process(path)
+        pipeline.finish()
+        before = catalog.lights()
+        assert all(light["flat_id"] is None for light in before)
+        assert all("without flat" in (light["reason"] or "") for light in before)
+        for path in flats:  # the flats turn up (dawn flats, a copy from another PC)
+            pipeline.process(path)
+        pipeline.finish()
+    assert main(["restack", "--config", str(config_path), "--night", plan.night]) == 0
+    assert "restacked 12 lights" in capsys.readouterr().out
+    with Catalog(config.paths.catalog, readonly=True) as catalog:
+        after = {light["frame_id"]: light for light in catalog.lights()}
+        assert all(after[light["frame_id"]]["flat_id"] for light in before)
+        for stack in sorted(config.paths.products.glob("stacks/*/*/*.fits")):
+            header = fits.getheader(stack)
+            assert header["NCOMBINE"] == 6
+            assert any("master flat" in str(h) for h in header["HISTORY"])
