@@ -495,6 +495,9 @@ class Catalog:
         )
         return [_decode(r) for r in rows]
 
+    def target(self, target_id: int) -> dict[str, Any]:
+        return _decode(self.db["targets"].get(target_id))
+
     def insert_target(self, row: Mapping[str, Any]) -> int:
         return int(self.db["targets"].insert({"created": utcnow(), **_encode(row)}).last_pk)
 

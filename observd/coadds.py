@@ -130,7 +130,7 @@ class Coadds:
                     if path:
                         Path(path).unlink(missing_ok=True)
                 self.catalog.db["coadds"].delete(row["id"])
-            target = self.catalog.db["targets"].get(target_id)
+            target = self.catalog.target(target_id)
             self.products.rgb(target["night"], target["name"]).unlink(missing_ok=True)
 
     def _refused(self, frame_id: int, reason: str) -> None:

@@ -121,8 +121,7 @@ class LightStage:
 
     def grid(self, target_id: int) -> register.Grid:
         if target_id not in self._grids:
-            (row,) = [t for t in self.catalog.targets() if t["id"] == target_id]
-            self._grids[target_id] = register.Grid.from_dict(row["grid"])
+            self._grids[target_id] = register.Grid.from_dict(self.catalog.target(target_id)["grid"])
         return self._grids[target_id]
 
     def hold(self, aligned: Aligned) -> None:
@@ -172,10 +171,9 @@ class LightStage:
 
     def _run(self, frame: dict, data: np.ndarray, header: fits.Header, sel: Selection) -> None:
         cal = self._calibrate(frame, data, sel)
-        pixel_scale = self._pixel_scale(frame, header)
-        image = _luminance(cal.image, frame.get("bayer"))
-        m = quality.measure(image, mask=cal.mask, pixel_scale=pixel_scale)
         wcs = _frame_wcs(header) if frame.get("has_wcs") else None
+        image = _luminance(cal.image, frame.get("bayer"))
+        m = quality.measure(image, mask=cal.mask, pixel_scale=_pixel_scale(frame, wcs))
         key = (frame["target"], frame["filter"] or "")
         judge = self._judge(frame["night"])
         row: dict[str, Any] = {
@@ -260,15 +258,6 @@ class LightStage:
             hot=self.calibrations.hot_pixels(frame["night"], frame["setup"]),
             saturation=self.config.calibration.saturation,
         )
-
-    def _pixel_scale(self, frame: dict, header: fits.Header) -> float | None:
-        wcs = _frame_wcs(header) if frame.get("has_wcs") else None
-        if wcs is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                scales = wcs.proj_plane_pixel_scales()
-            return float(np.mean([s.to_value("arcsec") for s in scales]))
-        return frame.get("pixel_scale")
 
     # ----------------------------------------------------------------- targets
 
@@ -355,8 +344,7 @@ class LightStage:
         if updated is not grid:
             self._grids[target_id] = updated
             changes["grid"] = updated.to_dict()
-        target = next(t for t in self.catalog.targets(frame["night"]) if t["id"] == target_id)
-        refs = target["filter_refs"] or {}
+        refs = self.catalog.target(target_id)["filter_refs"] or {}
         filt = frame["filter"] or ""
         if filt not in refs:
             flux = np.full(len(grid.ref_x), np.nan)
@@ -373,8 +361,7 @@ class LightStage:
         reference itself, or while there is none)."""
         if alignment.method == "reference":
             return 1.0
-        target = next(t for t in self.catalog.targets(frame["night"]) if t["id"] == target_id)
-        ref = (target["filter_refs"] or {}).get(frame["filter"] or "")
+        ref = (self.catalog.target(target_id)["filter_refs"] or {}).get(frame["filter"] or "")
         if ref is None:
             return 1.0
         ref_flux = np.array([np.nan if v is None else v for v in ref["flux"]])
@@ -461,6 +448,16 @@ def _metrics(m: quality.Measurement, exptime: float) -> dict[str, Any]:
 def _json_float(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def _pixel_scale(frame: dict, wcs: WCS | None) -> float | None:
+    """arcsec/px: from the frame's WCS, else from its header (pixel size, focal length)."""
+    if wcs is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scales = wcs.proj_plane_pixel_scales()
+        return float(np.mean([s.to_value("arcsec") for s in scales]))
+    return frame.get("pixel_scale")
 
 
 def _frame_wcs(header: fits.Header) -> WCS | None:

@@ -106,9 +106,7 @@ class Pipeline:
     def _stack(self, aligned: Aligned) -> None:
         """Fold an accepted light into its coadd."""
         frame = aligned.frame
-        (target,) = [
-            t for t in self.catalog.targets(frame["night"]) if t["id"] == aligned.target_id
-        ]
+        target = self.catalog.target(aligned.target_id)
         (light,) = self.catalog.lights("l.frame_id = ?", [frame["id"]])
         health = [
             h for h in self.catalog.camera_health(frame["night"]) if h["setup"] == frame["setup"]
