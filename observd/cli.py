@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"observd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    p = sub.add_parser("run", parents=[common], help="the daemon: watch, process, stack, serve")
+    p.add_argument("--no-web", action="store_true", help="do not serve the dome page")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("ingest", parents=[common], help="record existing files (backfill, re-run)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders, recursive")
     p.set_defaults(func=cmd_ingest)
@@ -95,10 +99,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--junk", action="store_true", help="live: add camera-PC junk files")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("demo", parents=[common], help="simulate a small night and process it")
+    p = sub.add_parser(
+        "demo", parents=[common], help="a simulated night, written live and run by the daemon"
+    )
     p.add_argument("--out", metavar="DIR", help="where to write (default: a new temp folder)")
     p.add_argument("--size", type=int, default=256, metavar="PX", help="frame size")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--speed", type=float, default=800.0, help="simulated s per real s")
+    p.add_argument("--lights", type=int, default=6, metavar="N", help="per target and filter")
+    p.add_argument(
+        "--keep-serving", action="store_true", help="keep the dome page up after the night"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", parents=[common], help="print the effective configuration")
@@ -188,6 +199,10 @@ def _report(args: argparse.Namespace, collect, render) -> int:
         raise CommandError(str(exc)) from None
     with catalog:
         data = collect(catalog, args.night)
+    if collect is status_data:
+        from observd.daemon import read_state
+
+        data["daemon"] = read_state(config.paths.products)
     if args.json:
         json.dump(data, sys.stdout, indent=1, default=str)
         print()
@@ -211,11 +226,26 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from observd.daemon import Daemon
+
+    path = find_config_file(args.config)
+    config = load_config(path)
+    setup_logging(_log_level(args), config.log_dir)
+    daemon = Daemon(path, serve_web=False if args.no_web else None)
+    daemon.install_signal_handlers()
+    return daemon.run()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Write a night live into a temp folder while the daemon processes and serves it."""
+    import threading
+
+    from observd.daemon import Daemon
     from observd.simulate import CameraModel, NightPlan, simulate_night
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="observd-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "camera").mkdir(parents=True, exist_ok=True)
     config_path = out / "observd.toml"
     config_path.write_text(
         "# written by `observd demo`\n"
@@ -226,30 +256,102 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "[site]\n"
         'timezone = "America/Los_Angeles"\n'
         "latitude = 34.22\n"
-        "longitude = -118.06\n",
+        "longitude = -118.06\n"
+        "[web]\n"
+        f"port = {_free_port()}\n"
+        "[watch]\n"
+        "settle_seconds = 0.5\n"
+        "poll_seconds = 0.5\n"
+        "[stack]\n"
+        "publish_seconds = 2.0\n"
+        "[daemon]\n"
+        "rebuild_delay_seconds = 3.0\n"
+        "finish_quiet_seconds = 600.0\n",
         encoding="utf-8",
     )
     config = load_config(config_path)
-    setup_logging("WARNING" if not args.verbose else "DEBUG", config.log_dir, tqdm_safe=True)
-    print(f"observd demo: simulating a night of {args.size} px frames in {out / 'camera'} ...")
+    setup_logging("DEBUG" if args.verbose else "WARNING", config.log_dir)
+    plan = NightPlan(
+        seed=args.seed, n_bias=7, n_dark=5, n_flat=5, n_light=args.lights, dawn_flats=True
+    )
+    daemon = Daemon(config_path)
+    daemon.install_signal_handlers()
+    failure: list[BaseException] = []
+
+    def write_night() -> None:
+        try:
+            simulate_night(
+                out, plan, CameraModel(size=args.size), live=True, speed=args.speed, junk=True
+            )
+        except BaseException as exc:  # reported below; the daemon must still end
+            failure.append(exc)
+        daemon.request_finish(then_stop=not args.keep_serving)
+
+    print(f"observd demo: a night of {args.size} px frames, written live into {out / 'camera'}")
+    print(f"  (dusk calibrations, 2 targets x 3 filters x {args.lights} lights, dawn flats,")
+    print(f"   junk files; {args.speed:.0f} simulated seconds per second)")
     t0 = time.monotonic()
-    plan = NightPlan(seed=args.seed, n_bias=7, n_dark=5, n_flat=5, n_light=6)
-    truth = simulate_night(out, plan, CameraModel(size=args.size))
-    print(f"  {len(truth.files)} files in {time.monotonic() - t0:.1f} s")
-    t0 = time.monotonic()
-    with Catalog(config.paths.catalog) as catalog:
-        counts = _ingest(Pipeline(config, catalog), list(config.paths.incoming), config)
-        print(f"  processed in {time.monotonic() - t0:.1f} s: {counts}\n")
+    writer = threading.Thread(target=write_night, name="demo-camera", daemon=True)
+    progress = threading.Thread(
+        target=_demo_progress, args=(config, daemon, writer, t0), name="demo-progress", daemon=True
+    )
+    daemon_started = threading.Event()
+
+    def start_writer() -> None:
+        daemon_started.wait()
+        writer.start()
+        progress.start()
+
+    threading.Thread(target=start_writer, daemon=True).start()
+    daemon.on_ready = daemon_started.set
+    daemon.run()
+    if failure:
+        raise CommandError(f"the simulated camera failed: {failure[0]}")
+    print(f"\n  night done in {time.monotonic() - t0:.0f} s\n")
+    with Catalog(config.paths.catalog, readonly=True) as catalog:
         print(format_status(status_data(catalog)))
         print("\nstacks:")
         for row in catalog.db["coadds"].rows_where(order_by="target, filter"):
             frames = f"{row['n_frames']:>3} frames"
             print(f"  {row['target']:<10} {row['filter']:<4} {frames}  {row['fits']}")
-        for rgb in sorted(config.paths.products.glob("stacks/*/*/*_rgb.png")):
-            print(f"  colour           {rgb}")
+    for rgb in sorted(config.paths.products.glob("stacks/*/*/*_rgb.png")):
+        print(f"  colour           {rgb}")
+    for summary in sorted(config.paths.products.glob("summary/*/index.html")):
+        print(f"  summary          {summary}")
     print(
         f"\nconfig   {config_path}\ncatalog  {config.paths.catalog}\n"
         f"products {config.paths.products}\ntruth    {out / 'truth'}\n"
-        f"try:     observd status --config {config_path}"
+        f"logs     {config.log_dir / 'observd.log'}\n"
+        f"try:     observd status --config {config_path}\n"
+        f"         observd serve --config {config_path}"
     )
     return 0
+
+
+def _demo_progress(config: Config, daemon, writer, t0: float) -> None:
+    """A line every few seconds while the demo night runs (its own catalog connection)."""
+    from observd.daemon import read_state
+
+    if daemon.web is not None:
+        print(f"  dome page: {daemon.web.url}  (open it now to watch the night)")
+    while writer.is_alive() or daemon.state_name == "running":
+        time.sleep(5.0)
+        state = read_state(config.paths.products)
+        if not state or state["state"] != "running":
+            continue
+        event = state.get("last_event") or {}
+        name = Path(event.get("path", "")).name
+        print(
+            f"  {time.monotonic() - t0:5.0f} s  {state['processed']:>4} files"
+            f"  queue {state['queue']:>3}  last: {name} {event.get('what', '')}"[:110]
+        )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+

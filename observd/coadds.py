@@ -139,6 +139,15 @@ class Coadds:
         self.catalog.update_frame(frame_id, {"status": "rejected", "reason": reason})
         self.catalog.log_event("stack", "rejected", reason, frame_id=frame_id)
 
+    def publish_pending(self) -> None:
+        """Write the products of coadds changed since their last write once
+        ``publish_seconds`` have passed (the daemon calls this when it is idle, so the
+        last frames of a burst show up without waiting for the next frame)."""
+        now = time.monotonic()
+        for live in self._live.values():
+            if live.dirty and now - live.published >= self.config.publish_seconds:
+                self._publish(live)
+
     def flush(self) -> None:
         """Write every coadd's products and checkpoint (end of a run, shutdown)."""
         for live in self._live.values():

@@ -123,6 +123,9 @@ class WatchConfig:
     settle_seconds: float = 2.0
     poll_seconds: float = 2.0
     rescan_seconds: float = 300.0
+    incomplete_seconds: float = 60.0
+    """A file still changing after this long is reported; one unchanged but structurally
+    incomplete for this long is handed on anyway (and rejected with its reason)."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,26 @@ class StackConfig:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    """``observd run``: the worker's rhythm, rebuilds and when a night is over."""
+
+    queue_size: int = 256
+    """Settled files waiting for the worker; the watcher holds the rest (back-pressure)."""
+    burst: int = 64
+    """Settled files taken at once and put in DATE-OBS order."""
+    state_seconds: float = 2.0
+    """How often the daemon's state file and systemd status are written."""
+    rebuild_delay_seconds: float = 60.0
+    """Quiet time after the last calibration frame before stacks whose masters have
+    been superseded (dawn flats, more darks) are rebuilt from the raw frames."""
+    finish_quiet_seconds: float = 1800.0
+    """No new frame for this long (and past dawn when the site is known) ends the night:
+    waiting lights are processed with what exists and the summary is written."""
+    serve_web: bool = True
+    """Serve the dome page from ``observd run``."""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration."""
 
@@ -180,6 +203,7 @@ class Config:
     watch: WatchConfig = field(default_factory=WatchConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     stack: StackConfig = field(default_factory=StackConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     source: Path | None = None
     """The file this config was read from (None: built-in defaults)."""
 
@@ -349,9 +373,16 @@ def _check_semantics(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: site.longitude must be within -180..360 degrees, got {lon}")
     if not 0 < config.web.port < 65536:
         raise ConfigError(f"{where}: web.port must be within 1..65535, got {config.web.port}")
-    for name in ("settle_seconds", "poll_seconds", "rescan_seconds"):
+    for name in ("settle_seconds", "poll_seconds", "rescan_seconds", "incomplete_seconds"):
         if getattr(config.watch, name) <= 0:
             raise ConfigError(f"{where}: watch.{name} must be > 0")
+    daemon = config.daemon
+    for name in ("queue_size", "burst"):
+        if getattr(daemon, name) < 1:
+            raise ConfigError(f"{where}: daemon.{name} must be >= 1")
+    for name in ("state_seconds", "rebuild_delay_seconds", "finish_quiet_seconds"):
+        if getattr(daemon, name) <= 0:
+            raise ConfigError(f"{where}: daemon.{name} must be > 0")
     cal = config.calibration
     for name in ("clip_sigma", "saturation", "flat_min_snr", "dark_temperature_tolerance"):
         if getattr(cal, name) <= 0:

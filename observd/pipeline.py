@@ -8,6 +8,7 @@ use it, so a night re-run in the morning goes through exactly the code that ran 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from loguru import logger
@@ -24,6 +25,9 @@ from observd.rawio import BadFrame, read_raw
 __all__ = ["Pipeline"]
 
 CALIBRATION_TYPES = ("bias", "dark", "darkflat", "flat")
+
+Progress = Callable[[], None]
+"""Called between the lights of a long rebuild (the daemon's watchdog ping)."""
 
 
 class Pipeline:
@@ -70,12 +74,16 @@ class Pipeline:
         return result
 
     def finish(self) -> None:
-        """End of a run or a night: masters up to date, waiting lights processed."""
+        """End of a run or a night: masters up to date, waiting lights processed, stacks
+        whose masters were superseded rebuilt, every coadd written."""
         self.calibrations.flush()
         self.lights.finish()
+        self.rebuild_stale()
         self.coadds.flush()
 
-    def restack(self, night: str, target_slug: str | None = None) -> int:
+    def restack(
+        self, night: str, target_slug: str | None = None, *, progress: Progress | None = None
+    ) -> int:
         """Rebuild the coadds of a night (or one target) from the raw frames, with the
         masters that are best now; returns the number of lights stacked.
 
@@ -84,23 +92,73 @@ class Pipeline:
         would have given with those masters from the start.
         """
         self.calibrations.flush()
-        targets = self.catalog.targets(night, target_slug)
-        self.coadds.reset([t["id"] for t in targets])
-        ids = ",".join(str(t["id"]) for t in targets) or "NULL"
+        targets = [t["id"] for t in self.catalog.targets(night, target_slug)]
+        stacked = self._restack_targets(targets, progress)
+        what = f"night {night}" + (f", target {target_slug}" if target_slug else "")
+        self.catalog.log_event("stack", "restack", what, details={"lights": stacked})
+        return stacked
+
+    def stale_targets(self) -> dict[int, list[str]]:
+        """Target grids with stacked lights whose best masters are not the ones they were
+        calibrated with (dawn flats, more darks, a night's own master replacing an
+        earlier night's), each with what changed."""
+        self.calibrations.flush()
+        stale: dict[int, list[str]] = {}
+        for light in self.catalog.lights("f.status in ('stacked', 'accepted')"):
+            frame = self.catalog.frame(light["frame_id"])
+            now = self.calibrations.select(frame).ids()
+            changed = [
+                f"{step} {light[f'{step}_id']} -> {m_id}"
+                for step, m_id in now.items()
+                if m_id is not None and m_id != light[f"{step}_id"]
+            ]
+            if changed:
+                stale.setdefault(light["target_id"], []).extend(
+                    f"{Path(frame['path']).name}: {c}" for c in changed[:1]
+                )
+        return stale
+
+    def rebuild_stale(self, progress: Progress | None = None) -> int:
+        """Rebuild, from the raw frames, every coadd whose masters have been superseded
+        since its lights were calibrated; returns the number of lights stacked again.
+
+        A later master never patches old pixels (DESIGN.md): the affected coadds are
+        made again, so a night's stacks always say exactly which masters they used.
+        """
+        stale = self.stale_targets()
+        if not stale:
+            return 0
+        for target_id, why in stale.items():
+            target = self.catalog.target(target_id)
+            logger.info(
+                "rebuilding {} of {}: better masters ({} lights, e.g. {})",
+                target["name"], target["night"], len(why), why[0],
+            )  # fmt: skip
+        stacked = self._restack_targets(sorted(stale), progress)
+        self.catalog.log_event(
+            "stack", "rebuild", "better masters arrived",
+            details={"targets": sorted(stale), "lights": stacked},
+        )  # fmt: skip
+        return stacked
+
+    def _restack_targets(self, target_ids: list[int], progress: Progress | None) -> int:
+        self.coadds.reset(target_ids)
+        ids = ",".join(str(t) for t in target_ids) or "NULL"
         lights = self.catalog.lights(f"l.target_id in ({ids}) and l.verdict = 'accepted'")
         stacked = 0
         for light in lights:
             frame = self.catalog.frame(light["frame_id"])
+            if frame["status"] not in ("stacked", "accepted", "rejected"):
+                continue  # held as provisional (stacked at the end), or failed
             try:
                 self._stack(self.lights.reconstruct(frame, reselect=True))
                 stacked += 1
             except Exception as exc:  # the raw frame vanished, ...
                 logger.exception("{}: cannot be stacked again", frame["path"])
                 self._fail(frame, "stack", exc)
+            if progress is not None:
+                progress()
         self.coadds.flush()
-        self.catalog.log_event("stack", "restack", f"night {night}"
-                               + (f", target {target_slug}" if target_slug else ""),
-                               details={"lights": stacked})  # fmt: skip
         return stacked
 
     def _stack(self, aligned: Aligned) -> None:

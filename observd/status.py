@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from observd.catalog import SCHEMA_VERSION, Catalog
@@ -65,6 +66,20 @@ def status_data(catalog: Catalog, night: str | None = None) -> dict[str, Any]:
     }
 
 
+def _daemon_line(state: dict[str, Any] | None) -> str:
+    """One line on the daemon, from its state file (see observd.daemon.read_state)."""
+    if state is None:
+        return "daemon  never ran with these products"
+    if not state["alive"]:
+        return f"daemon  not running (last seen {state['updated'][:19]} UTC, {state['state']})"
+    event = state.get("last_event") or {}
+    last = f"; last: {Path(event['path']).name} {event['what']}" if event else ""
+    return (
+        f"daemon  running, pid {state['pid']}, {state['processed']} files since "
+        f"{state['started'][:19]} UTC, queue {state['queue']}{last}"
+    )
+
+
 def _sortable(value: Any) -> tuple[int, Any]:
     return (1, "") if value is None else (0, value)
 
@@ -72,6 +87,8 @@ def _sortable(value: Any) -> tuple[int, Any]:
 def format_status(data: dict[str, Any]) -> str:
     """A plain-text report for the terminal."""
     lines = [f"catalog {data['catalog']}"]
+    if "daemon" in data:
+        lines.append(_daemon_line(data["daemon"]))
     totals = data["totals"]
     if not data["frames"]:
         lines.append("no frames" + (f" for night {data['night']}" if data["night"] else ""))

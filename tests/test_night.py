@@ -62,7 +62,8 @@ def test_live_junk_gets_the_reasons_the_truth_predicts(tmp_path):
 
 
 def test_demo_runs_the_night_and_leaves_stacks_and_colour(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    # the live demo, faster than its default pace (simulated seconds per real second)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--speed", "3000"]) == 0
     out = capsys.readouterr().out
     assert "stacks:" in out and "colour" in out
     stacks = sorted((tmp_path / "demo" / "products" / "stacks").rglob("*.fits"))
