@@ -86,7 +86,14 @@ def test_restack_after_late_flats_uses_them(tmp_path, capsys):
         assert all("without flat" in (light["reason"] or "") for light in before)
         for path in flats:  # the flats turn up (dawn flats, a copy from another PC)
             pipeline.process(path)
-        pipeline.finish()
+        assert set(pipeline.stale_targets()) == {t["id"] for t in catalog.targets()}
+        pipeline.finish()  # the superseded stacks are rebuilt by themselves
+        assert pipeline.stale_targets() == {}
+        assert all(light["flat_id"] for light in catalog.lights())
+        assert [e["action"] for e in catalog.events() if e["stage"] == "stack"
+                and e["action"] == "rebuild"] == ["rebuild"]  # fmt: skip
+        for stack in sorted(config.paths.products.glob("stacks/*/*/*.fits")):
+            assert any("master flat" in str(h) for h in fits.getheader(stack)["HISTORY"])
     assert main(["restack", "--config", str(config_path), "--night", plan.night]) == 0
     assert "restacked 12 lights" in capsys.readouterr().out
     with Catalog(config.paths.catalog, readonly=True) as catalog:
