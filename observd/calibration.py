@@ -499,8 +499,19 @@ class Calibrations:
             header.add_history(
                 f"uses {dep_row['kind']} v{dep_row['version']} {Path(dep_row['path']).name}"
             )
-        for fid in inputs:
-            header.add_history(f"input {Path(self.catalog.frame(fid)['path']).name}")
+        # the inputs by name (the catalog's masters.inputs has them all): one query, and
+        # a bounded header, so the 500th bias of a long series costs what the 5th did
+        shown = inputs[-_MAX_INPUT_CARDS:]
+        names = {
+            r["id"]: Path(r["path"]).name
+            for r in self.catalog.db.query(
+                f"select id, path from frames where id in ({','.join('?' * len(shown))})", shown
+            )
+        }
+        if len(inputs) > len(shown):
+            header.add_history(f"inputs: {len(inputs)} frames, the last {len(shown)} below")
+        for fid in shown:
+            header.add_history(f"input {names.get(fid, fid)}")
         hdus = [fits.PrimaryHDU(np.asarray(image, np.float32), header)]
         if sigma is not None:
             hdus.append(fits.ImageHDU(np.asarray(sigma, np.float32), name="SIGMA"))
@@ -761,6 +772,10 @@ def _health_warnings(row: dict[str, Any]) -> list[str]:
                 + (" — ALARM" if status == "alarm" else "")
             )
     return out
+
+
+_MAX_INPUT_CARDS = 50
+"""Input frames named in a master's HISTORY; the catalog lists every one."""
 
 
 def _link_current(version_path: Path, current: Path) -> None:
