@@ -31,7 +31,6 @@ from astropy.io import fits
 from loguru import logger
 
 from observd import __version__
-from observd.camera import robust_std
 from observd.catalog import Catalog, json_text
 from observd.config import Config
 from observd.headers import slugify
@@ -51,6 +50,8 @@ __all__ = [
 _NEA_PER_FWHM2 = math.pi / (2.0 * math.log(2.0))
 _USED = ("stacked",)
 _PENDING = ("accepted", "provisional", "recorded")
+# frames stacked at a median transparency beyond this factor of the reference's: warn
+_REFERENCE_OFF = 1.5
 
 
 # ------------------------------------------------------------------------------ when
@@ -215,7 +216,11 @@ def summary_data(config: Config, catalog: Catalog, night: str) -> dict[str, Any]
     data["masters"] = _masters(catalog, out_dir, lights.values())
     data["camera"] = _camera(config, catalog, night, {f["setup"] for f in frames if f["setup"]})
     data["problems"] = _problems(config, catalog, night, frames, lights, dusk, dawn)
-    data["warnings"] = data["camera"]["warnings"] + data["problems"]["warnings"]
+    data["warnings"] = (
+        [w for t in data["targets"] for w in t["warnings"]]
+        + data["camera"]["warnings"]
+        + data["problems"]["warnings"]
+    )
     return data
 
 
@@ -253,6 +258,7 @@ def _targets(config, products, out_dir, night, light_frames, lights, targets, co
             )
             all_lights += [lights[f["id"]] for f in members if f["id"] in lights]
         entry["exposure_s"] = sum(fe["exposure_s"] for fe in entry["filters"])
+        entry["warnings"] = [f"{name}: {w}" for fe in entry["filters"] for w in fe["warnings"]]
         entry["tracking"] = _tracking(all_lights)
         rgb = products.rgb(night, name) if target else None
         entry["rgb"] = _rel(rgb, out_dir) if rgb is not None and rgb.exists() else None
@@ -315,6 +321,14 @@ def _filter_entry(filt, members, lights, coadd, out_dir, zero_point) -> dict[str
         "stack": _stack(coadd, out_dir),
     }
     entry["depth"] = _depth(series, entry["stack"], zero_point)
+    entry["warnings"] = []
+    t = (entry["depth"] or {}).get("transparency")
+    if t is not None and not 1 / _REFERENCE_OFF <= t <= _REFERENCE_OFF:
+        entry["warnings"].append(
+            f"the flux reference of filter {filt or '(none)'} is off: the frames stacked measure "
+            f"{t:.2f} x its transparency, so the stack (scaled to it) is {t:.2f} x too "
+            f"{'faint' if t > 1 else 'bright'} (a cloudy first frame?)"
+        )
     return entry
 
 
@@ -351,11 +365,29 @@ def _stack(coadd: dict[str, Any] | None, out_dir: Path) -> dict[str, Any] | None
         date_end=header.get("DATE-END"),
     )
     if expmap is not None and expmap.shape == image.shape and np.nanmax(expmap) > 0:
-        deep = (expmap >= 0.9 * np.nanmax(expmap)) & np.isfinite(image)
-        if deep.sum() > 100:
-            # pixel rms of the stack (resampling correlates neighbours: a lower bound)
-            out["noise_measured"] = robust_std(image[deep])
+        out["noise_measured"] = _stack_noise(image, expmap)
     return out
+
+
+def _stack_noise(image: np.ndarray, expmap: np.ndarray) -> float | None:
+    """Background rms of the stack where it is deepest (sep's mesh, sources masked).
+
+    Resampling correlates neighbouring pixels, so this per-pixel figure is a little
+    below the noise a point source sees; the frames' combination is the one used.
+    """
+    import sep
+
+    deep = (expmap >= 0.9 * np.nanmax(expmap)) & np.isfinite(image)
+    if deep.sum() < 1024:
+        return None
+    ys, xs = np.nonzero(deep)
+    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    sub = np.ascontiguousarray(np.where(deep[box], image[box], 0.0), dtype=np.float32)
+    try:
+        return float(sep.Background(sub, mask=~deep[box]).globalrms)
+    except Exception as exc:  # sep raises its own errors on odd images
+        logger.warning("summary: no background rms of a stack: {}", exc)
+        return None
 
 
 def _depth(series, stack, zero_point) -> dict[str, Any] | None:
@@ -366,19 +398,18 @@ def _depth(series, stack, zero_point) -> dict[str, Any] | None:
     source at the 5-sigma limit gives 5 x noise x sqrt(NEA), with NEA = pi FWHM^2 /
     (2 ln 2) the noise-equivalent area of a Gaussian PSF (background-limited, PSF fit).
     """
-    noise = [
-        s["background_rms"] / s["exptime"]
-        for s in series
-        if s["used"] and s["background_rms"] and s["exptime"]
-    ]
-    if not noise:
+    used = [s for s in series if s["used"] and s["background_rms"] and s["exptime"]]
+    if not used:
         return None
-    n = np.asarray(noise, dtype=float)
-    stack_noise = float(1.0 / np.sqrt(np.sum(1.0 / n**2)))
+    n = np.array([s["background_rms"] / s["exptime"] for s in used], dtype=float)
+    # the coadd divides each frame by its transparency (BUNIT: ADU/s at the reference's)
+    scale = np.array([s.get("transparency") or 1.0 for s in used], dtype=float)
+    stack_noise = float(1.0 / np.sqrt(np.sum((scale / n) ** 2)))
     fwhm = (stack or {}).get("fwhm") or _stats([s["fwhm"] for s in series if s["used"]])
     fwhm = fwhm["median"] if isinstance(fwhm, dict) else fwhm
     out: dict[str, Any] = {
         "frame_noise_adu_s": float(np.median(n)),
+        "transparency": float(np.median(scale)),
         "noise_adu_s": stack_noise,
         "noise_measured_adu_s": (stack or {}).get("noise_measured"),
         "fwhm_px": fwhm,
@@ -387,7 +418,7 @@ def _depth(series, stack, zero_point) -> dict[str, Any] | None:
     if fwhm:
         nea = _NEA_PER_FWHM2 * fwhm**2
         out["limit_adu_s"] = 5.0 * stack_noise * math.sqrt(nea)
-        out["frame_limit_adu_s"] = 5.0 * float(np.median(n)) * math.sqrt(nea)
+        out["frame_limit_adu_s"] = 5.0 * float(np.median(n / scale)) * math.sqrt(nea)
         if zero_point is not None:
             out["limit_mag"] = zero_point - 2.5 * math.log10(out["limit_adu_s"])
             out["frame_limit_mag"] = zero_point - 2.5 * math.log10(out["frame_limit_adu_s"])

@@ -25,7 +25,7 @@ from loguru import logger  # noqa: E402
 
 __all__ = ["markdown", "render"]
 
-_THUMB_PX = 256
+_THUMB_PX = 240
 _COLOURS = {"R": "#d62728", "V": "#2ca02c", "G": "#2ca02c", "B": "#1f77b4", "L": "#555555",
             "Ha": "#8c1c13", "OIII": "#17becf", "SII": "#ff7f0e", "I": "#9467bd"}  # fmt: skip
 
@@ -39,7 +39,7 @@ text-align:left;font-size:.92em}th{background:#eee}td.n{text-align:right}
 .alarm{background:#ffe1e1;border-left:5px solid #c00}
 .ok{background:#e6f6e6;border-left:5px solid #3a3;padding:.4em .8em}
 .stacks{display:flex;flex-wrap:wrap;gap:1em}.stack{background:#fff;border:1px solid #ddd;
-padding:.5em}.stack img{display:block;max-width:256px}figure{margin:.5em 0}
+padding:.5em}.stack img{display:block;max-width:240px}figure{margin:.5em 0}
 img.plot{max-width:100%;border:1px solid #ddd;background:#fff}
 img.broken{outline:4px solid #c00}small,.muted{color:#666}
 details{margin:.3em 0}
@@ -292,8 +292,8 @@ def _filter_html(target: dict[str, Any], fe: dict[str, Any], tz: ZoneInfo) -> st
         lines.append(
             f"<p>Depth: background noise {d['noise_adu_s']:.3g} ADU/s/px in the stack "
             f"({d['frame_noise_adu_s']:.3g} in one frame"
-            + (f"; measured on the stack {d['noise_measured_adu_s']:.3g}, pixels correlated by "
-               "resampling" if d.get("noise_measured_adu_s") else "")
+            + (f"; measured on the stack {d['noise_measured_adu_s']:.3g}"
+               if d.get("noise_measured_adu_s") else "")
             + f"); 5&sigma; point source {_depth_text(d)}"
             + ("" if d.get("zero_point") is not None else
                " (set [summary.zero_point] for magnitudes)")

@@ -108,10 +108,18 @@ def test_summary_json_matches_the_catalog_and_the_truth(night):
             assert sorted(s["fwhm"] for s in fe["series"]) == sorted(r["fwhm"] for r in rows)
             # depth: the 5-sigma limit from the frames' noise and the FWHM
             d = fe["depth"]
-            noise = [r["background_rms"] / r["exptime"] for r in rows if r["status"] == "stacked"]
+            noise = [r["background_rms"] / r["exptime"] / r["transparency"] for r in rows
+                     if r["status"] == "stacked"]  # fmt: skip
             assert d["noise_adu_s"] == pytest.approx(1 / math.sqrt(sum(1 / n**2 for n in noise)))
             nea = math.pi * d["fwhm_px"] ** 2 / (2 * math.log(2))
             assert d["limit_adu_s"] == pytest.approx(5 * d["noise_adu_s"] * math.sqrt(nea))
+            # the stack's own background rms agrees (resampling correlates pixels a little)
+            assert 0.8 <= d["noise_measured_adu_s"] / d["noise_adu_s"] <= 1.3, (name, filt, d)
+            # a filter whose flux reference is a cloudy frame gets a warning (the stack is
+            # scaled to that frame's transparency), the others none
+            (target,) = catalog.targets(truth.plan.night, targets[name]["slug"])
+            ref = truth.file(catalog.frame(target["filter_refs"][filt]["frame_id"])["path"])
+            assert bool(fe["warnings"]) == (ref.expected == "rejected: cloudy"), fe["warnings"]
             if filt == "R":
                 assert d["limit_mag"] == pytest.approx(22.5 - 2.5 * math.log10(d["limit_adu_s"]))
             else:
@@ -247,7 +255,7 @@ def test_html_renders_in_chromium_with_every_image(night):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "summary.png"
     shot.unlink(missing_ok=True)
-    _chromium(["--window-size=1200,3000", "--hide-scrollbars", f"--screenshot={shot}",
+    _chromium(["--window-size=1200,6000", "--hide-scrollbars", f"--screenshot={shot}",
                index.as_uri()])  # fmt: skip
     assert shot.stat().st_size > 50_000
 
