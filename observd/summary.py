@@ -756,7 +756,9 @@ def write_summary(config: Config, catalog: Catalog, night: str) -> Path:
     folder = Products(config.paths.products).summary_dir(night)
     page = render_html(data)
     index = atomic_write_bytes(folder / "index.html", page.encode("utf-8"))
-    atomic_write_bytes(folder / "summary.json", (json_text(data) + "\n").encode("utf-8"))
+    summary = atomic_write_bytes(folder / "summary.json", (json_text(data) + "\n").encode())
+    for path in (index, summary):  # for people: readable by all (temp files are 0600)
+        os.chmod(path, 0o644)
     logger.info("summary of {} -> {} ({} warnings)", night, index, len(data["warnings"]))
     return index
 

@@ -272,8 +272,18 @@ def test_flat_change_and_new_hot_pixels_warn_and_a_steady_camera_does_not(tmp_pa
             camera = CameraModel(size=256, flat_change=change, new_hot_pixels=new_hot)
             simulate_night(out, NightPlan(night=night, seed=20 + i, **cal), camera)
             _process(config, catalog, [out / "camera"])
+        # a fourth night: two V lights, and no V flat on any night
+        fourth = NightPlan(night="2026-03-17", seed=30, **{**cal, "n_flat": 0, "n_light": 2,
+                           "filters": ("V",), "targets": ("M 51",), "meridian_flip": False})
+        lights = simulate_night(tmp_path / "sim" / fourth.night, fourth, camera)
+        _process(config, catalog, [tmp_path / "sim" / fourth.night / "camera"])
     with Catalog(config.paths.catalog, readonly=True) as catalog:
         first, second, third = (summary_data(config, catalog, n) for n, _, _ in nights)
+        last = summary_data(config, catalog, fourth.night)
+    names = sorted(Path(f.path).name for f in lights.frames("light"))
+    assert sorted(u["file"] for u in last["problems"]["uncalibrated"]) == names
+    assert all(u["missing"] == ["flat V"] for u in last["problems"]["uncalibrated"])
+    assert "2 lights without a full calibration" in last["warnings"]
     assert first["warnings"] == []  # nothing earlier to compare with
     (setup,) = second["camera"]["setups"]
     flat = [w for w in second["warnings"] if "flat R changed" in w]
@@ -343,6 +353,25 @@ def test_dawn_offline_against_astropy():
         # the morning after the night, in the local small hours
         local = dawn.astimezone(ZoneInfo(site[0]))
         assert local.date().isoformat() > site[3] and 2 <= local.hour <= 7, (site, local)
+
+
+@pytest.mark.parametrize(
+    ("summary", "words"),
+    [
+        ({"quiet_minutes": 0}, "summary.quiet_minutes must be > 0"),
+        ({"dawn_altitude": -40}, "summary.dawn_altitude must be within -30..0"),
+        ({"fallback_dawn": "6am"}, "summary.fallback_dawn must be a local time HH:MM"),
+        ({"zero_point": {"R": "22"}}, "summary.zero_point.R must be a number"),
+        ({"zero_point": {"R": -3}}, "summary.zero_point.R must be a magnitude"),
+        ({"new_hot_pixels_warn": -1}, "summary.new_hot_pixels_warn must be >= 0"),
+        ({"dusk": 1}, "unknown key [summary] 'dusk'"),
+    ],
+)
+def test_summary_config_is_validated(summary, words):
+    from observd.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        config_from_dict({"summary": summary})
 
 
 def test_night_end_without_a_site_or_a_dark_sky():
