@@ -287,6 +287,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"  {row['target']:<10} {row['filter']:<4} {frames}  {row['fits']}")
         for rgb in sorted(config.paths.products.glob("stacks/*/*/*_rgb.png")):
             print(f"  colour           {rgb}")
+        from observd.summary import write_summary
+
+        print(f"\nmorning summary: {write_summary(config, catalog, plan.night)}")
     print(
         f"\nconfig   {config_path}\ncatalog  {config.paths.catalog}\n"
         f"products {config.paths.products}\ntruth    {out / 'truth'}\n"
