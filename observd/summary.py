@@ -128,8 +128,10 @@ def summary_due(
     stamp = _source_stamp(catalog, night)
     if stamp["frames"] == 0:
         return False
-    previous = _read_json(Products(config.paths.products).summary_dir(night) / "summary.json")
-    if previous is not None and previous.get("source") == stamp:
+    folder = Products(config.paths.products).summary_dir(night)
+    previous = _read_json(folder / "summary.json")
+    current = previous is not None and previous.get("source") == stamp
+    if current and (folder / "index.html").exists():
         return False
     if now >= night_end(config, night):
         return True

@@ -209,7 +209,7 @@ def _overview(data: dict[str, Any]) -> str:
     )
     if data["warnings"]:
         for w in data["warnings"]:
-            cls = "warn alarm" if w.split(": ", 2)[-2:][0].startswith("ALARM") else "warn"
+            cls = "warn alarm" if "ALARM" in w else "warn"
             out.append(f"<div class='{cls}'>{_e(w)}</div>")
     else:
         out.append("<div class='ok'>No warnings.</div>")
