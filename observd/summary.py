@@ -714,6 +714,13 @@ def _disk(config: Config) -> list[dict[str, Any]]:
             "total_gb": usage.total / 1e9,
             "used_fraction": 1.0 - usage.free / usage.total if usage.total else None,
         })  # fmt: skip
+    # what the daemon saw (the camera share may be mounted only on its side)
+    state = _read_json(Products(config.paths.products).state_dir() / "daemon.json") or {}
+    shown = {d["path"] for d in out}
+    for path, free in (state.get("disk_free") or {}).items():
+        if path not in shown and isinstance(free, int | float):
+            out.append({"what": f"seen by the daemon at {state.get('updated')}", "path": path,
+                        "free_gb": free / 1e9, "total_gb": None})  # fmt: skip
     return out
 
 

@@ -435,8 +435,8 @@ def _problems_html(data: dict[str, Any], tz: ZoneInfo) -> str:
                    "was dark.</p>")  # fmt: skip
     out.append("<p>Disk: " + "; ".join(
         f"{_e(d['what'])} {_e(d['path'])}: "
-        + (f"{d['free_gb']:.1f} GB free of {d['total_gb']:.0f} GB" if d["free_gb"] is not None
-           else _e(d.get("error")))
+        + (f"{d['free_gb']:.1f} GB free" + (f" of {d['total_gb']:.0f} GB" if d["total_gb"]
+           else "") if d["free_gb"] is not None else _e(d.get("error")))
         for d in p["disk"]) + ".</p>")  # fmt: skip
     return "\n".join(out)
 
@@ -465,10 +465,11 @@ def markdown(data: dict[str, Any]) -> str:
     ]
     for target in data["targets"]:
         for fe in target["filters"]:
-            fw = fe["fwhm_arcsec"]
+            fw = fe["fwhm_arcsec"] or fe["fwhm"]
+            unit = '"' if fe["fwhm_arcsec"] else " px"
             lines.append(
                 f"| {target['target']} | {fe['filter']} | {fe['used']} | {fe['rejected']} | "
-                f"{fe['exposure_s'] / 60:.1f} | {_num(fw and fw['median'])}\" | "
+                f"{fe['exposure_s'] / 60:.1f} | {_num(fw and fw['median'])}{unit} | "
                 f"{_depth_text(fe['depth'])} |"
             )
     lines.append("")

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -189,6 +190,18 @@ def test_problems_masters_and_gaps(night):
     assert sum(m["lights"] for m in data["masters"] if m["kind"] == "flat") == len(calibrated)
     for m in data["masters"]:
         assert (index.parent / m["file"]).is_file()
+    # disk: what the daemon saw on a share mounted only on its side
+    state = Path(config.paths.products) / "state" / "daemon.json"
+    state.write_text(json.dumps({"updated": "2026-03-15T12:00:00+00:00",
+                                 "disk_free": {"/srv/camera": 5e8}}))  # fmt: skip
+    try:
+        strict = replace(config, summary=replace(config.summary, disk_warn_gb=1.0))
+        disk = summary_data(strict, catalog, truth.plan.night)
+    finally:
+        state.unlink()
+    assert "disk: only 0.5 GB free on /srv/camera" in disk["warnings"]
+    assert [d["path"] for d in disk["problems"]["disk"]] == [str(config.paths.products),
+                                                              "/srv/camera"]  # fmt: skip
     (setup,) = data["camera"]["setups"]
     assert setup["history"][-1]["night"] == truth.plan.night
     assert setup["history"][-1]["gain"] == pytest.approx(truth.camera.gain, rel=0.05)
