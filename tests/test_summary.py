@@ -285,9 +285,11 @@ def test_flat_change_and_new_hot_pixels_warn_and_a_steady_camera_does_not(tmp_pa
             camera = CameraModel(size=256, flat_change=change, new_hot_pixels=new_hot)
             simulate_night(out, NightPlan(night=night, seed=20 + i, **cal), camera)
             _process(config, catalog, [out / "camera"])
-        # a fourth night: two V lights, and no V flat on any night
-        fourth = NightPlan(night="2026-03-17", seed=30, **{**cal, "n_flat": 0, "n_light": 2,
-                           "filters": ("V",), "targets": ("M 51",), "meridian_flip": False})
+        # a fourth night, tomorrow's (its dawn ahead): two V lights, no V flat anywhere
+        tonight = (datetime.now(ZoneInfo("America/Los_Angeles")) + timedelta(days=1)).date()
+        fourth = NightPlan(night=tonight.isoformat(), seed=30, **{**cal, "n_flat": 0,
+                           "n_light": 2, "filters": ("V",), "targets": ("M 51",),
+                           "meridian_flip": False})  # fmt: skip
         lights = simulate_night(tmp_path / "sim" / fourth.night, fourth, camera)
         _process(config, catalog, [tmp_path / "sim" / fourth.night / "camera"])
     with Catalog(config.paths.catalog, readonly=True) as catalog:
@@ -295,8 +297,16 @@ def test_flat_change_and_new_hot_pixels_warn_and_a_steady_camera_does_not(tmp_pa
         last = summary_data(config, catalog, fourth.night)
     names = sorted(Path(f.path).name for f in lights.frames("light"))
     assert sorted(u["file"] for u in last["problems"]["uncalibrated"]) == names
-    assert all(u["missing"] == ["flat V"] for u in last["problems"]["uncalibrated"])
+    assert all("flat V" in u["missing"] for u in last["problems"]["uncalibrated"])
     assert "2 lights without a full calibration" in last["warnings"]
+    # tonight is over once nothing has come for [summary] quiet_minutes (60), not before
+    with Catalog(config.paths.catalog, readonly=True) as catalog:
+        (stamp,) = catalog.db.execute("select max(updated) from frames where night = ?",
+                                      [fourth.night]).fetchone()  # fmt: skip
+        last_frame = datetime.fromisoformat(stamp)
+        assert night_end(config, fourth.night) > last_frame + timedelta(hours=2)
+        assert not summary_due(config, catalog, fourth.night, last_frame + timedelta(minutes=59))
+        assert summary_due(config, catalog, fourth.night, last_frame + timedelta(minutes=61))
     assert first["warnings"] == []  # nothing earlier to compare with
     (setup,) = second["camera"]["setups"]
     flat = [w for w in second["warnings"] if "flat R changed" in w]
