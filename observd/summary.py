@@ -430,8 +430,10 @@ def _depth(series, stack, zero_point) -> dict[str, Any] | None:
 def _tracking(lights: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Drift (px/min) and field rotation (deg/h) from the lights' offsets on the grid.
 
-    Theil-Sen slopes (median of pairwise slopes) per pier side, so re-centring jumps and
-    dithers do not drag the rate; the flip is the first light measured on the other side.
+    Per pier side: the drift is the median rate between consecutive lights (the mount
+    drifts between re-centrings, which show as a few large jumps that the median ignores;
+    dithers add noise to each pair). The field rotation has no jumps: Theil-Sen slope (the
+    median of all pairwise slopes). The flip is the first light measured on the other side.
     """
     pts = sorted(
         (
@@ -464,8 +466,8 @@ def _tracking(lights: list[dict[str, Any]]) -> dict[str, Any] | None:
         if not seg:
             continue
         m = np.array([r["minutes"] for r in seg])
-        vx = _theil_sen(m, np.array([r["dx"] for r in seg]))
-        vy = _theil_sen(m, np.array([r["dy"] for r in seg]))
+        vx, vy, jumps = _drift(m, np.array([r["dx"] for r in seg]),
+                               np.array([r["dy"] for r in seg]))  # fmt: skip
         vr = _theil_sen(m, np.array([r["rotation_field"] for r in seg]))
         segments.append({
             "pier": "flipped" if side else "before flip",
@@ -473,6 +475,7 @@ def _tracking(lights: list[dict[str, Any]]) -> dict[str, Any] | None:
             "drift_x_px_min": vx,
             "drift_y_px_min": vy,
             "drift_px_min": math.hypot(vx, vy) if vx is not None and vy is not None else None,
+            "recentred": jumps,
             "rotation_deg_h": vr * 60.0 if vr is not None else None,
         })  # fmt: skip
     drifts = [s["drift_px_min"] for s in segments if s["drift_px_min"] is not None]
@@ -490,6 +493,32 @@ def _tracking(lights: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def _wrap(deg: float) -> float:
     return (deg + 180.0) % 360.0 - 180.0
+
+
+def _drift(
+    minutes: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> tuple[float | None, float | None, int]:
+    """Drift (px/min in x and y) between consecutive lights, and the re-centrings seen.
+
+    A pair whose step departs from the median drift by more than max(5 px, 4 robust
+    sigma of the steps) is a re-centring (or a pointing jump) and does not count: left
+    in, a third of such pairs would pull the median by a good fraction of the dither.
+    """
+    dt, sx, sy = np.diff(minutes), np.diff(x), np.diff(y)
+    ok = dt > 0.5
+    dt, sx, sy = dt[ok], sx[ok], sy[ok]
+    if dt.size == 0:
+        return None, None, 0
+    keep = np.ones(dt.size, dtype=bool)
+    for _ in range(3):
+        vx, vy = float(np.median(sx[keep] / dt[keep])), float(np.median(sy[keep] / dt[keep]))
+        resid = np.hypot(sx - vx * dt, sy - vy * dt)
+        scale = 1.4826 * float(np.median(resid[keep]))
+        new = resid <= max(5.0, 4.0 * scale)
+        if new.sum() < 1 or np.array_equal(new, keep):
+            break
+        keep = new
+    return vx, vy, int((~keep).sum())
 
 
 def _theil_sen(x: np.ndarray, y: np.ndarray) -> float | None:

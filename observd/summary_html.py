@@ -82,7 +82,7 @@ def _thumbnail(path: str | Path, size: int = _THUMB_PX) -> bytes | None:
 
 def _fig_png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return buf.getvalue()
 
@@ -108,7 +108,7 @@ def _conditions_plot(target: dict[str, Any], tz: ZoneInfo) -> bytes | None:
     series = [(f["filter"], s) for f in target["filters"] for s in f["series"]]
     if not series:
         return None
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 4.6), sharex=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 4.6), sharex=True, layout="constrained")
     arcsec = all(s.get("fwhm_arcsec") for _, s in series)
     for fe in target["filters"]:
         colour = _COLOURS.get(fe["filter"], "#444")
@@ -142,7 +142,7 @@ def _tracking_plot(target: dict[str, Any], tz: ZoneInfo) -> bytes | None:
         return None
     pts = tr["points"]
     t = [_time(p["date_obs"]) for p in pts]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 4.2), sharex=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 4.2), sharex=True, layout="constrained")
     ax1.plot(t, [p["dx"] for p in pts], "o-", ms=4, label="dx")
     ax1.plot(t, [p["dy"] for p in pts], "s-", ms=4, label="dy")
     ax1.set_ylabel("offset on grid (px)")
@@ -327,15 +327,16 @@ def _tracking_html(target: dict[str, Any], tz: ZoneInfo) -> str:
     tr = target.get("tracking")
     if not tr:
         return ""
-    out = ["<h3>Tracking</h3><table><tr><th>pier</th><th>frames</th><th>drift x</th>"
-           "<th>drift y</th><th>drift</th><th>field rotation</th></tr>"]  # fmt: skip
+    out = ["<h3>Tracking</h3><table><tr><th>pier</th><th>frames</th><th>drift x</th><th>drift y"
+           "</th><th>drift</th><th>field rotation</th><th>re-centred</th></tr>"]  # fmt: skip
     for s in tr["segments"]:
         out.append(
             f"<tr><td>{_e(s['pier'])}</td><td class=n>{s['frames']}</td>"
             f"<td class=n>{_num(s['drift_x_px_min'])} px/min</td>"
             f"<td class=n>{_num(s['drift_y_px_min'])} px/min</td>"
             f"<td class=n>{_num(s['drift_px_min'])} px/min</td>"
-            f"<td class=n>{_num(s['rotation_deg_h'], '{:.3f}')} deg/h</td></tr>"
+            f"<td class=n>{_num(s['rotation_deg_h'], '{:.3f}')} deg/h</td>"
+            f"<td class=n>{s.get('recentred', 0)}</td></tr>"
         )
     out.append("</table>")
     if tr.get("flip"):

@@ -25,7 +25,7 @@ from observd.config import load_config
 from observd.ingest import find_frame_files, in_time_order
 from observd.pipeline import Pipeline
 from observd.simulate import CameraModel, NightPlan, simulate_night
-from observd.summary import night_end, summary_data, summary_due, write_summary
+from observd.summary import _drift, night_end, summary_data, summary_due, write_summary
 from tests.conftest import REPO, write_config
 
 SMALL = dict(n_bias=5, n_dark=3, dark_exptimes=(30.0, 60.0), n_flat=5, n_light=4)
@@ -158,13 +158,37 @@ def test_tracking_and_flip_against_the_truth(night):
             side = [f for f in lights if f.transform.flipped == (seg["pier"] == "flipped")
                     and f.date_obs[:19] in measured]  # fmt: skip
             t = np.array([datetime.fromisoformat(f.date_obs).timestamp() / 60 for f in side])
-            vx = _theil_sen(t, [f.transform.dx for f in side])
-            vy = _theil_sen(t, [f.transform.dy for f in side])
+            vx, vy, _ = _drift(t, np.array([f.transform.dx for f in side]),
+                               np.array([f.transform.dy for f in side]))  # fmt: skip
             rot = [(f.transform.rotation_deg - 180 * f.transform.flipped + 180) % 360 - 180
                    for f in side]
             assert seg["drift_x_px_min"] == pytest.approx(vx, abs=0.01)
             assert seg["drift_y_px_min"] == pytest.approx(vy, abs=0.01)
             assert seg["rotation_deg_h"] == pytest.approx(60 * _theil_sen(t, rot), abs=0.01)
+
+
+@pytest.mark.slow
+def test_drift_and_field_rotation_against_the_simulated_mount(tmp_path):
+    """A dense night (a light every ~5 min): drift between re-centrings is measurable."""
+    from observd.simulate import _rng
+
+    plan = NightPlan(**{**SMALL, "n_light": 20}, defects=False)
+    simulate_night(tmp_path / "sim", plan, CameraModel(size=256))
+    config = load_config(write_config(tmp_path, incoming=str(tmp_path / "sim" / "camera"),
+                                      extra=SITE))  # fmt: skip
+    with Catalog(config.paths.catalog) as catalog:
+        _process(config, catalog, config.paths.incoming)
+        data = summary_data(config, catalog, plan.night)
+    for ti, target in enumerate(data["targets"]):
+        assert target["target"] == plan.targets[ti]
+        rng = _rng(plan.seed, 33, ti)  # the simulator's mount: speed, direction, rotation
+        speed, angle = rng.uniform(0.5, 2.0), rng.uniform(0, 2 * math.pi)
+        omega = rng.uniform(0.02, 0.06) * rng.choice([-1.0, 1.0])
+        for seg in target["tracking"]["segments"]:
+            assert seg["drift_x_px_min"] == pytest.approx(speed * math.cos(angle), abs=0.15)
+            assert seg["drift_y_px_min"] == pytest.approx(speed * math.sin(angle), abs=0.15)
+            assert seg["rotation_deg_h"] == pytest.approx(omega, abs=0.005)
+            assert seg["recentred"] >= 1
 
 
 def test_problems_masters_and_gaps(night):
