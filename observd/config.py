@@ -185,7 +185,7 @@ class SummaryConfig:
     zero_point: Mapping[str, float] = field(default_factory=dict)
     """Filter -> magnitude of a source giving 1 ADU/s in the stacks (depth in magnitudes)."""
     new_hot_pixels_warn: int = 10
-    new_hot_pixels_fraction: float = 0.02
+    new_hot_pixels_fraction: float = 0.05
     """New hot pixels (not in the previous night's map) warn above the larger of this count
     and this fraction of the previous night's hot pixels."""
     dark_current_warn: float = 1.25

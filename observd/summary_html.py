@@ -123,12 +123,12 @@ def _conditions_plot(target: dict[str, Any], tz: ZoneInfo) -> bytes | None:
             ax2.plot(t, [s["background"] for s in pts], marker, color=colour, ms=5)
     ax1.set_ylabel("FWHM (arcsec)" if arcsec else "FWHM (px)")
     ax2.set_ylabel("sky (ADU/s/px)")
-    if all((s.get("background") or 0) > 0 for _, s in series):
+    sky = [s.get("background") or 0 for _, s in series]
+    if min(sky) > 0 and max(sky) > 5 * min(sky):  # twilight and moon: decades apart
         ax2.set_yscale("log")
     _mark_flip(target, (ax1, ax2))
     ax1.legend(fontsize=7, ncol=4, loc="best")
-    ax2.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=tz))
-    ax2.set_xlabel(f"local time ({tz.key})")
+    _time_axis(ax2, [_time(s["date_obs"]) for _, s in series if s["date_obs"]], tz)
     ax1.set_title(f"{target['target']}: seeing and sky", fontsize=10)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -150,8 +150,7 @@ def _tracking_plot(target: dict[str, Any], tz: ZoneInfo) -> bytes | None:
     ax2.plot(t, [p["rotation_field"] for p in pts], "o-", ms=4, color="#9467bd")
     ax2.set_ylabel("field rotation (deg)")
     _mark_flip(target, (ax1, ax2))
-    ax2.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=tz))
-    ax2.set_xlabel(f"local time ({tz.key})")
+    _time_axis(ax2, t, tz)
     drift = tr.get("drift_px_min")
     ax1.set_title(
         f"{target['target']}: tracking"
@@ -161,6 +160,14 @@ def _tracking_plot(target: dict[str, Any], tz: ZoneInfo) -> bytes | None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     return _fig_png(fig)
+
+
+def _time_axis(ax, times: list[datetime], tz: ZoneInfo) -> None:
+    """Local clock time; seconds shown when the lights span less than half an hour."""
+    span = (max(times) - min(times)).total_seconds() if times else 0.0
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S" if span < 1800 else "%H:%M",
+                                                      tz=tz))  # fmt: skip
+    ax.set_xlabel(f"local time ({tz.key})")
 
 
 def _mark_flip(target: dict[str, Any], axes) -> None:
@@ -376,6 +383,9 @@ def _camera_html(data: dict[str, Any]) -> str:
         for w in setup["warnings"]:
             cls = "warn alarm" if w.startswith("ALARM") else "warn"
             out.append(f"<div class='{cls}'>{_e(w)}</div>")
+        if not setup["history"]:
+            out.append("<p>No calibration frames of this setup yet.</p>")
+            continue
         out.append(
             "<table><tr><th>night</th><th>bias ADU</th><th>col rms</th><th>read noise e-</th>"
             "<th>gain e-/ADU</th><th>dark e-/s</th><th>hot px</th><th>flat change (peak)</th>"
@@ -420,8 +430,8 @@ def _problems_html(data: dict[str, Any], tz: ZoneInfo) -> str:
         out.append("<p>No file failed.</p>")
     if p["uncalibrated"]:
         out.append("<p>Lights without a full calibration:</p><ul>")
-        out += [f"<li>{_e(u['file'])}: no {_e(', '.join(u['missing']))} ({_e(u['status'])})</li>"
-                for u in p["uncalibrated"]]  # fmt: skip
+        out += [f"<li>{len(files)} lights with no {_e(missing)}: {_e(_files(files))}</li>"
+                for missing, files in _uncalibrated(p)]  # fmt: skip
         out.append("</ul>")
     else:
         out.append("<p>Every light was calibrated with bias, dark and flat.</p>")
@@ -440,6 +450,19 @@ def _problems_html(data: dict[str, Any], tz: ZoneInfo) -> str:
            else "") if d["free_gb"] is not None else _e(d.get("error")))
         for d in p["disk"]) + ".</p>")  # fmt: skip
     return "\n".join(out)
+
+
+def _uncalibrated(problems: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Uncalibrated lights grouped by what they lacked."""
+    groups: dict[str, list[str]] = {}
+    for u in problems["uncalibrated"]:
+        groups.setdefault(", ".join(u["missing"]), []).append(u["file"])
+    return sorted(groups.items())
+
+
+def _files(names: list[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 # ---------------------------------------------------------------------------- markdown
@@ -506,7 +529,8 @@ def markdown(data: dict[str, Any]) -> str:
     if p["failed"] or p["uncalibrated"] or p["gaps"]["gaps"]:
         lines += ["## Problems", ""]
         lines += [f"- {f['file']} ({f['type']}): {f['status']}: {f['reason']}" for f in p["failed"]]
-        lines += [f"- {u['file']}: no {', '.join(u['missing'])}" for u in p["uncalibrated"]]
+        lines += [f"- {len(files)} lights with no {missing}: {_files(files)}"
+                  for missing, files in _uncalibrated(p)]  # fmt: skip
         lines += [f"- gap {_local(g['start'], tz)}-{_local(g['end'], tz)} ({g['minutes']:.0f} min)"
                   for g in p["gaps"]["gaps"]]  # fmt: skip
         lines.append("")
