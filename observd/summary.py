@@ -31,7 +31,7 @@ from astropy.io import fits
 from loguru import logger
 
 from observd import __version__
-from observd.catalog import Catalog, json_text
+from observd.catalog import Catalog
 from observd.config import Config
 from observd.headers import slugify
 from observd.products import Products, atomic_write_bytes
@@ -223,7 +223,20 @@ def summary_data(config: Config, catalog: Catalog, night: str) -> dict[str, Any]
         + data["camera"]["warnings"]
         + data["problems"]["warnings"]
     )
-    return data
+    return _finite(data)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: summary.json must parse in a browser (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def _targets(config, products, out_dir, night, light_frames, lights, targets, coadds):
@@ -804,7 +817,8 @@ def write_summary(config: Config, catalog: Catalog, night: str) -> Path:
     folder = Products(config.paths.products).summary_dir(night)
     page = render_html(data)
     index = atomic_write_bytes(folder / "index.html", page.encode("utf-8"))
-    summary = atomic_write_bytes(folder / "summary.json", (json_text(data) + "\n").encode())
+    text = json.dumps(data, allow_nan=False, default=str) + "\n"
+    summary = atomic_write_bytes(folder / "summary.json", text.encode("utf-8"))
     for path in (index, summary):  # for people: readable by all (temp files are 0600)
         os.chmod(path, 0o644)
     logger.info("summary of {} -> {} ({} warnings)", night, index, len(data["warnings"]))
