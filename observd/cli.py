@@ -15,7 +15,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from observd import __version__
-from observd.catalog import Catalog, CatalogError
+from observd.catalog import Catalog, CatalogError, json_text
 from observd.config import Config, ConfigError, find_config_file, load_config, to_toml
 from observd.ingest import find_frame_files, in_time_order
 from observd.logs import setup_logging
@@ -87,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--night", metavar="YYYY-MM-DD", help="only this night")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_camera)
+
+    p = sub.add_parser("summary", parents=[common], help="the morning summary of a night")
+    p.add_argument("--night", metavar="YYYY-MM-DD", help="default: the latest night")
+    p.add_argument(
+        "--format",
+        choices=("html", "json", "md"),
+        default="html",
+        help="html: write summary/<night>/index.html + summary.json; json, md: print",
+    )
+    p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("simulate", parents=[common], help="write a synthetic night")
     p.add_argument("out", metavar="OUT", help="folder: OUT/camera (frames) and OUT/truth")
@@ -208,6 +218,36 @@ def _report(args: argparse.Namespace, collect, render) -> int:
         print()
     else:
         print(render(data))
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from observd.summary import format_markdown, summary_data, write_summary
+
+    config = _config(args)
+    setup_logging(_log_level(args))
+    try:
+        catalog = Catalog(config.paths.catalog, readonly=True)
+    except CatalogError as exc:
+        raise CommandError(str(exc)) from None
+    with catalog:
+        nights = catalog.nights()
+        if not nights:
+            raise CommandError("the catalog holds no night yet")
+        night = args.night or nights[-1]
+        if night not in nights:
+            raise CommandError(
+                f"no frames of night {night!r} in the catalog; nights: "
+                + ", ".join(nights[-5:])
+            )
+        if args.format == "html":
+            print(write_summary(config, catalog, night))
+            return 0
+        data = summary_data(config, catalog, night)
+    if args.format == "json":
+        print(json_text(data))
+    else:
+        print(format_markdown(data))
     return 0
 
 

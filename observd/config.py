@@ -8,6 +8,7 @@ Relative paths are taken relative to the config file's folder.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 import types
 import typing
@@ -192,6 +193,33 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class SummaryConfig:
+    """The morning summary: when the night is over, and what is worth a warning."""
+
+    quiet_minutes: float = 60.0
+    """The night counts as over once no frame has arrived for this long (or at dawn)."""
+    dawn_altitude: float = -18.0
+    """Sun altitude (deg) that ends the night: -18 astronomical, -12 nautical dawn."""
+    fallback_dawn: str = "06:00"
+    """Local time that ends the night when [site] latitude/longitude are not set."""
+    gap_minutes: float = 30.0
+    """A silence between frames longer than this (and than 3 x the night's usual cadence)
+    while the sky is dark is reported as a gap."""
+    zero_point: Mapping[str, float] = field(default_factory=dict)
+    """Filter -> magnitude of a source giving 1 ADU/s in the stacks (depth in magnitudes)."""
+    new_hot_pixels_warn: int = 10
+    new_hot_pixels_fraction: float = 0.05
+    """New hot pixels (not in the previous night's map) warn above the larger of this count
+    and this fraction of the previous night's hot pixels."""
+    dark_current_warn: float = 1.25
+    """Dark current this many times the previous night's raises a warning."""
+    disk_warn_gb: float = 5.0
+    """Free space below this (GB) on the products or camera disk raises a warning."""
+    history_nights: int = 14
+    """Earlier nights shown in the camera-health table."""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration."""
 
@@ -204,6 +232,7 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    summary: SummaryConfig = field(default_factory=SummaryConfig)
     source: Path | None = None
     """The file this config was read from (None: built-in defaults)."""
 
@@ -392,6 +421,7 @@ def _check_semantics(config: Config, where: str) -> None:
     for name in ("bias_max_age_days", "dark_max_age_days", "flat_max_age_days"):
         if getattr(cal, name) < 0:
             raise ConfigError(f"{where}: calibration.{name} must be >= 0")
+    _check_summary(config.summary, where)
     seen: dict[str, str] = {}
     for canonical, aliases in config.headers.filter_aliases.items():
         for name in (canonical, *aliases):
@@ -402,6 +432,31 @@ def _check_semantics(config: Config, where: str) -> None:
                     f"{where}: headers.filter_aliases: {name!r} is listed for both "
                     f"{other!r} and {canonical!r}"
                 )
+
+
+def _check_summary(summary: SummaryConfig, where: str) -> None:
+    for name in ("quiet_minutes", "gap_minutes", "dark_current_warn"):
+        if getattr(summary, name) <= 0:
+            raise ConfigError(f"{where}: summary.{name} must be > 0")
+    for name in ("new_hot_pixels_warn", "new_hot_pixels_fraction", "disk_warn_gb",
+                 "history_nights"):  # fmt: skip
+        if getattr(summary, name) < 0:
+            raise ConfigError(f"{where}: summary.{name} must be >= 0")
+    if not -30 <= summary.dawn_altitude <= 0:
+        raise ConfigError(
+            f"{where}: summary.dawn_altitude must be within -30..0 degrees, "
+            f"got {summary.dawn_altitude}"
+        )
+    if not re.fullmatch(r"([01]?\d|2[0-3]):[0-5]\d", summary.fallback_dawn):
+        raise ConfigError(
+            f"{where}: summary.fallback_dawn must be a local time HH:MM such as '06:00', "
+            f"got {summary.fallback_dawn!r}"
+        )
+    for filt, zp in summary.zero_point.items():
+        if not 0 < zp < 40:
+            raise ConfigError(
+                f"{where}: summary.zero_point.{filt} must be a magnitude within 0..40, got {zp}"
+            )
 
 
 def to_toml(config: Config) -> str:

@@ -73,3 +73,6 @@ def test_demo_runs_the_night_and_leaves_stacks_and_colour(tmp_path, capsys):
     assert fits.getdata(stacks[0], "EXPMAP").max() >= 180
     assert len(fits.getdata(stacks[0], "FRAMES")) >= header["NCOMBINE"]
     assert len(list((tmp_path / "demo" / "products" / "stacks").rglob("*_rgb.png"))) == 2
+    summary = tmp_path / "demo" / "products" / "summary" / "2026-03-14"
+    assert f"morning summary: {summary / 'index.html'}" in out
+    assert json.loads((summary / "summary.json").read_text())["totals"]["lights"] == 36
