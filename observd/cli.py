@@ -357,7 +357,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for rgb in sorted(config.paths.products.glob("stacks/*/*/*_rgb.png")):
         print(f"  colour           {rgb}")
     for summary in sorted(config.paths.products.glob("summary/*/index.html")):
-        print(f"  summary          {summary}")
+        print(f"morning summary: {summary}")
     print(
         f"\nconfig   {config_path}\ncatalog  {config.paths.catalog}\n"
         f"products {config.paths.products}\ntruth    {out / 'truth'}\n"

@@ -28,6 +28,12 @@ __all__ = [
 ]
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+"""Products get the mode a plain ``open()`` would give them (umask applies)."""
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
     """Write a file atomically through ``write(fileobj)``.
 
@@ -47,6 +53,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 would hide products from their readers
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

@@ -818,9 +818,7 @@ def write_summary(config: Config, catalog: Catalog, night: str) -> Path:
     page = render_html(data)
     index = atomic_write_bytes(folder / "index.html", page.encode("utf-8"))
     text = json.dumps(data, allow_nan=False, default=str) + "\n"
-    summary = atomic_write_bytes(folder / "summary.json", text.encode("utf-8"))
-    for path in (index, summary):  # for people: readable by all (temp files are 0600)
-        os.chmod(path, 0o644)
+    atomic_write_bytes(folder / "summary.json", text.encode("utf-8"))
     logger.info("summary of {} -> {} ({} warnings)", night, index, len(data["warnings"]))
     return index
 
