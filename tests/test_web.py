@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import io
 import json
 import os
 import shutil
@@ -398,8 +399,11 @@ def test_malformed_requests_get_400(night, server, target):
 def test_products_and_api(night, server):
     status, body, ctype = _get(server, f"/products/stacks/{NIGHT}/m51/m51_R.png")
     assert status == 200 and ctype == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
-    status, thumb, _ = _get(server, f"/products/stacks/{NIGHT}/m51/m51_R.png?w=64")
-    assert status == 200 and len(thumb) < len(body)
+    status, thumb, ctype = _get(server, f"/products/stacks/{NIGHT}/m51/m51_R.png?w=64")
+    assert status == 200 and ctype == "image/jpeg" and len(thumb) < len(body)
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(thumb)).size[0] == 64
     status, body, ctype = _get(server, f"/products/stacks/{NIGHT}/m51/m51_R.fits")
     assert status == 200 and body.startswith(b"SIMPLE  =")
     asinh = _get(server, "/stack/1.png?stretch=asinh&q=0.1")
@@ -412,6 +416,11 @@ def test_products_and_api(night, server):
         frames = catalog.frames("night = ?", [NIGHT])
         lights = {r["frame_id"]: r for r in catalog.lights()}
         coadds = list(catalog.db["coadds"].rows)
+    light_id = min(lights)
+    status, body, ctype = _get(server, f"/frame/{light_id}.png?w=100")
+    assert status == 200 and ctype == "image/png" and Image.open(io.BytesIO(body)).size[0] == 100
+    status, body, ctype = _get(server, f"/frame/{light_id}.jpg")
+    assert status == 200 and ctype == "image/jpeg" and body[:3] == b"\xff\xd8\xff"
     status, body, ctype = _get(server, f"/api/frames?night={NIGHT}")
     assert status == 200 and ctype == "application/json"
     api = json.loads(body)["frames"]
@@ -455,3 +464,40 @@ def test_daemon_health_follows_the_state_file(night, server):
         assert daemon["up"] is False and "unreadable" in daemon["reason"]
     finally:
         state.unlink(missing_ok=True)
+
+
+def test_observd_serve_runs_in_the_foreground(night, capsys):
+    import signal
+    import socket
+    import sys
+
+    with socket.socket() as s:  # a free port (a race with other tests is unlikely)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = str(night["folder"] / "observd.toml")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    from observd.cli import main
+
+    assert main(["serve", "--config", config, "--port", "70000"]) == 2  # refused, not served
+    assert "--port must be within 0..65535" in capsys.readouterr().err
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "observd", "serve", "-q", "--config", config, "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    page = r.read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "observd serve never answered"
+                time.sleep(0.2)
+        assert f"<title>observd · {NIGHT}</title>" in page
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert f"http://127.0.0.1:{port}/" in out
+    assert proc.returncode in (0, 130), err

@@ -8,8 +8,9 @@ Routes
                        state or the night's PNGs change (polled every 0.5 s)
 ``/api/status``        night, counts, stacks, daemon health, warnings (JSON)
 ``/api/frames``        every frame of a night: ``observd status`` keys + quality numbers
-``/products/<path>``   a product file (``?w=N``: a PNG shrunk to N px wide)
-``/frame/<id>.png``    quick look of a frame, calibrated as the pipeline did (``?w=N``)
+``/products/<path>``   a product file (``?w=N``: a PNG shrunk to N px wide, as JPEG)
+``/frame/<id>.png``    quick look of a frame, calibrated as the pipeline did (``?w=N``;
+                       ``.jpg`` the same as JPEG, lighter for the page)
 ``/stack/<id>.png``    a coadd re-stretched (``?stretch=asinh|linear|sqrt|zscale&q=..``)
 ``/static/...``        the page's CSS and script
 
@@ -243,25 +244,25 @@ class DomeApp:
         if width is not None:
             if path.suffix.lower() != ".png":
                 raise BadRequest("w= applies to PNG files only")
-            png = images.thumbnail_png(self.cache, str(path), width)
-            return Response(png, media_type="image/png", headers=_cache_headers(request))
+            jpeg = images.thumbnail_jpeg(self.cache, str(path), width)
+            return Response(jpeg, media_type="image/jpeg", headers=_cache_headers(request))
         return FileResponse(
             path,
             media_type=CONTENT_TYPES.get(path.suffix.lower()),
             headers=_cache_headers(request),
         )
 
-    def frame(self, request: Request) -> Response:
+    def frame(self, request: Request, fmt: str) -> Response:
         width = _int(request, "w", 900, 16, 4096)
         catalog = self.catalog()
         if catalog is None:
             return PlainTextResponse("not found", status_code=404)
         with catalog:
             try:
-                png = images.frame_png(self.cache, catalog, request.path_params["id"], width)
+                body = images.frame_png(self.cache, catalog, request.path_params["id"], width, fmt)
             except LookupError as exc:
                 return PlainTextResponse(f"not found: {exc}", status_code=404)
-        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=60"})
+        return Response(body, media_type=f"image/{fmt}", headers={"Cache-Control": "max-age=60"})
 
     def stack(self, request: Request) -> Response:
         stretch = _choice(request, "stretch", images.STRETCHES, "asinh")
@@ -341,7 +342,8 @@ def create_app(config: Config) -> Starlette:
         Route("/api/status", sync(dome.api_status)),
         Route("/api/frames", sync(dome.api_frames)),
         Route("/products/{path:path}", sync(dome.product)),
-        Route("/frame/{id:int}.png", sync(dome.frame)),
+        Route("/frame/{id:int}.png", sync(lambda r: dome.frame(r, "png"))),
+        Route("/frame/{id:int}.jpg", sync(lambda r: dome.frame(r, "jpeg"))),
         Route("/stack/{id:int}.png", sync(dome.stack)),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]

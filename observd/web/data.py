@@ -216,7 +216,7 @@ def _latest(catalog: Catalog, night: str) -> dict[str, Any] | None:
     out["name"] = Path(frame["path"]).name
     out["first_seen"] = frame["first_seen"]
     out["light"] = light[0] if light else None
-    out["image"] = f"/frame/{frame['id']}.png" if frame["status"] not in ("failed",) else None
+    out["image"] = f"/frame/{frame['id']}.jpg" if frame["status"] not in ("failed",) else None
     if frame["type"] in (None, "unknown") or frame["status"] == "duplicate":
         out["image"] = None
     return out

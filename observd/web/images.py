@@ -26,9 +26,10 @@ from observd.catalog import Catalog
 from observd.rawio import BadFrame, read_raw
 from observd.reduce import calibrate, prepare
 
-__all__ = ["ImageCache", "frame_png", "stack_png", "thumbnail_png"]
+__all__ = ["ImageCache", "frame_png", "png_to_jpeg", "stack_png", "thumbnail_jpeg"]
 
 STRETCHES = ("asinh", "linear", "sqrt", "zscale")
+JPEG_QUALITY = 88
 
 
 class ImageCache:
@@ -90,7 +91,9 @@ def _calibrated(catalog: Catalog, frame: dict[str, Any], raw: np.ndarray) -> np.
         return raw.astype(np.float32)
 
 
-def frame_png(cache: ImageCache, catalog: Catalog, frame_id: int, max_size: int) -> bytes:
+def frame_png(
+    cache: ImageCache, catalog: Catalog, frame_id: int, max_size: int, fmt: str = "png"
+) -> bytes:
     """A quick-look PNG of one frame (calibrated when it is a processed light).
 
     Raises
@@ -104,7 +107,7 @@ def frame_png(cache: ImageCache, catalog: Catalog, frame_id: int, max_size: int)
         raise LookupError(f"no frame {frame_id}") from exc
     path = frame["path"]
     try:
-        key = ("frame", frame_id, _mtime(path), max_size)
+        key = ("frame", frame_id, _mtime(path), max_size, fmt)
     except OSError as exc:
         raise LookupError(f"{path}: {exc.strerror}") from None
 
@@ -114,7 +117,8 @@ def frame_png(cache: ImageCache, catalog: Catalog, frame_id: int, max_size: int)
         except (BadFrame, OSError) as exc:
             raise LookupError(f"{path}: {exc}") from None
         image = _calibrated(catalog, frame, raw) if frame["type"] == "light" else raw
-        return render.quicklook(image, max_size=max_size)
+        png = render.quicklook(image, max_size=max_size)
+        return png_to_jpeg(png) if fmt == "jpeg" else png
 
     return cache.get(key, make)
 
@@ -137,8 +141,12 @@ def stack_png(cache: ImageCache, fits_path: str, stretch: str, q: float, max_siz
     return cache.get(key, make)
 
 
-def thumbnail_png(cache: ImageCache, path: str, width: int) -> bytes:
-    """A product PNG shrunk to ``width`` pixels wide (never enlarged)."""
+def thumbnail_jpeg(cache: ImageCache, path: str, width: int) -> bytes:
+    """A product PNG shrunk to ``width`` pixels wide (never enlarged), as a JPEG.
+
+    JPEG because sky noise makes PNG thumbnails of deep stacks several times larger;
+    the full PNG stays one click away.
+    """
     key = ("thumb", path, _mtime(path), width)
 
     def make() -> bytes:
@@ -147,8 +155,21 @@ def thumbnail_png(cache: ImageCache, path: str, width: int) -> bytes:
             if img.width > width:
                 height = max(1, round(img.height * width / img.width))
                 img = img.resize((width, height), Image.Resampling.LANCZOS)
-            buf = BytesIO()
-            img.save(buf, format="PNG", optimize=False, compress_level=6)
-        return buf.getvalue()
+            return _jpeg(img)
 
     return cache.get(key, make)
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    buf = BytesIO()
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def png_to_jpeg(png: bytes) -> bytes:
+    """Re-encode a PNG (a quick look) as a JPEG for the page."""
+    with Image.open(BytesIO(png)) as img:
+        img.load()
+        return _jpeg(img)

@@ -15,7 +15,7 @@ from typing import Any
 __all__ = ["timeline_svg"]
 
 WIDTH = 1600
-LEFT = 190
+LEFT = 130
 RIGHT = 20
 PANEL = 95
 TICKS = 40
@@ -80,7 +80,10 @@ def timeline_svg(frames: list[dict[str, Any]]) -> str:
     for label, key in panels:
         h = TICKS if key is None else PANEL
         top, bottom = y + 6, y + h - 8
-        out.append(f'<text class="lbl" x="8" y="{(top + bottom) / 2 + 8:.0f}">{label}</text>')
+        if key is None:  # the frame ticks: label in the margin
+            out.append(f'<text class="lbl" x="8" y="{(top + bottom) / 2 + 10:.0f}">{label}</text>')
+        else:  # a plot: label inside, top left; the margin holds the values
+            out.append(f'<text class="lbl" x="{LEFT + 10}" y="{top + 22:.0f}">{label}</text>')
         out.append(f'<line class="axis" x1="{LEFT}" y1="{bottom:.0f}" x2="{WIDTH - RIGHT}" '
                    f'y2="{bottom:.0f}"/>')  # fmt: skip
         if key is None:
