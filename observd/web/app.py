@@ -24,12 +24,14 @@ import asyncio
 import json
 import math
 import os
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import jinja2
+from loguru import logger
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import (
@@ -55,6 +57,9 @@ HERE = Path(__file__).resolve().parent
 PARTS = ("summary", "latest", "stacks", "composites", "timeline", "health", "daemon", "recent")
 POLL_SECONDS = 0.5
 PING_SECONDS = 15.0
+THUMB_WIDTH = 360  # stack thumbnails
+COLOUR_WIDTH = 480  # colour composites
+FRAME_WIDTH = 900  # the latest frame
 SERVED_SUFFIXES = {".png", ".fits", ".fit", ".json", ".html", ".txt"}
 CONTENT_TYPES = {".fits": "application/fits", ".fit": "application/fits"}
 
@@ -149,6 +154,11 @@ class DomeApp:
         self.catalog_path = Path(config.paths.catalog)
         self.cache = images.ImageCache()
         self.closing = False  # set when the server stops: live streams end themselves
+        self.generation = 0  # bumped when the warm-up made something new (in the signature)
+        self._warm_lock = threading.Lock()
+        self._warm_wanted: set[str | None] = set()
+        self._warm_running = False
+        self._warm_seen: dict[str | None, tuple] = {}
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=jinja2.select_autoescape(["html"]),
@@ -158,6 +168,7 @@ class DomeApp:
         self.env.filters["num"] = _num
         self.env.filters["hms"] = _hms
         self.env.filters["duration"] = _duration
+        self.env.globals.update(thumb_w=THUMB_WIDTH, colour_w=COLOUR_WIDTH, frame_w=FRAME_WIDTH)
         self.env.filters["gib"] = lambda b: f"{b / 2**30:.1f} GiB" if b is not None else "-"
 
     # -- data -------------------------------------------------------------------
@@ -168,7 +179,7 @@ class DomeApp:
         except CatalogError:
             return None
 
-    def view(self, night: str | None) -> dict[str, Any]:
+    def view(self, night: str | None, *, measure: bool = False) -> dict[str, Any]:
         catalog = self.catalog()
         if catalog is None:
             view: dict[str, Any] = {"night": night, "nights": [], "frames": [], "stacks": [],
@@ -177,7 +188,7 @@ class DomeApp:
                                     "no_catalog": True}  # fmt: skip
         else:
             with catalog:
-                view = data.night_view(catalog, self.products, night)
+                view = data.night_view(catalog, self.products, night, measure=measure)
         view["daemon"] = data.daemon_health(self.products)
         view["requested_night"] = night
         return view
@@ -194,7 +205,72 @@ class DomeApp:
                     nights = catalog.nights()
                 night = nights[-1] if nights else None
         up = data.daemon_health(self.products)["up"]
-        return (night, up, data.signature(self.catalog_path, self.products, night))
+        files = data.signature(self.catalog_path, self.products, night)
+        if self._warm_seen.get(night) != files:
+            self._warm_seen[night] = files
+            self.warm(night)
+        return (night, up, self.generation, files)
+
+    # -- warm-up: pictures and noise made before a browser asks --------------------
+
+    def warm(self, night: str | None) -> None:
+        """Make the night's thumbnails, latest frame and stack noise in the background.
+
+        On a 4k night these take a second or more; made here when the catalog or the
+        products change, the browser then finds them cached. When something new was
+        made, ``generation`` changes, so the live pages fetch the numbers it measured.
+        """
+        with self._warm_lock:
+            self._warm_wanted.add(night)
+            if self._warm_running:
+                return
+            self._warm_running = True
+        threading.Thread(target=self._warm_loop, name="observd-web-warm", daemon=True).start()
+
+    def _warm_loop(self) -> None:
+        while True:
+            with self._warm_lock:
+                if not self._warm_wanted or self.closing:
+                    self._warm_running = False
+                    return
+                night = self._warm_wanted.pop()
+            try:
+                if self._warm_night(night):
+                    self.generation += 1
+            except Exception:  # a half-written product, a vanished file: next time
+                logger.opt(exception=True).debug("dome page: warm-up of {} failed", night)
+
+    def _warm_night(self, night: str | None) -> bool:
+        catalog = self.catalog()
+        if catalog is None:
+            return False
+        new = False
+        with catalog:
+            view = data.night_view(catalog, self.products, night, measure=False)
+            for stack in view["stacks"]:
+                if stack["fits_path"] and stack["noise"] is None:
+                    new |= data.sky_noise(stack["fits_path"]) is not None
+                if stack["png_path"]:
+                    new |= self._warm_picture(
+                        lambda s=stack: images.thumbnail_jpeg(self.cache, s["png_path"],
+                                                              THUMB_WIDTH))  # fmt: skip
+            for colour in view["composites"]:
+                self._warm_picture(
+                    lambda c=colour: images.thumbnail_jpeg(self.cache, c["png_path"],
+                                                           COLOUR_WIDTH))  # fmt: skip
+            latest = view["latest"]
+            if latest and latest["image"]:
+                self._warm_picture(
+                    lambda: images.frame_png(self.cache, catalog, latest["id"], FRAME_WIDTH,
+                                             "jpeg"))  # fmt: skip
+        return new
+
+    def _warm_picture(self, make) -> bool:
+        try:
+            make()
+        except (OSError, LookupError, ValueError):
+            return False
+        return False  # a picture changes no text: the page already points at it
 
     # -- routes -----------------------------------------------------------------
 
@@ -202,6 +278,7 @@ class DomeApp:
         night = _night(request)
         mode = _choice(request, "mode", ("day", "night"), None)
         view = self.view(night)
+        self.warm(night)
         html = self.env.get_template("index.html").render(
             view=view, parts=self.parts(view), mode=mode, night_param=night or ""
         )
@@ -215,7 +292,12 @@ class DomeApp:
         )
 
     def api_status(self, request: Request) -> Response:
-        view = self.view(_night(request))
+        view = self.view(_night(request), measure=True)
+        for stack in view["stacks"]:  # server paths are no business of the API's
+            stack.pop("fits_path", None)
+            stack.pop("png_path", None)
+        for colour in view["composites"]:
+            colour.pop("png_path", None)
         body = {k: view.get(k) for k in ("night", "nights", "counts", "totals", "stacks",
                                          "composites", "masters", "camera", "warnings",
                                          "latest", "daemon")}  # fmt: skip
@@ -253,7 +335,7 @@ class DomeApp:
         )
 
     def frame(self, request: Request, fmt: str) -> Response:
-        width = _int(request, "w", 900, 16, 4096)
+        width = _int(request, "w", FRAME_WIDTH, 16, 4096)
         catalog = self.catalog()
         if catalog is None:
             return PlainTextResponse("not found", status_code=404)

@@ -32,6 +32,7 @@ __all__ = [
     "parse_night",
     "product_url",
     "signature",
+    "sky_noise",
 ]
 
 #: The daemon counts as down when its state file is older than this (HELPERS contract).
@@ -130,16 +131,20 @@ _depth_cache: dict[tuple[str, int], float | None] = {}
 _depth_lock = threading.Lock()
 
 
-def _sky_noise(path: str) -> float | None:
-    """Background noise of a coadd (its BUNIT per pixel), cached until the file changes."""
+def sky_noise(path: str, *, measure: bool = True) -> float | None:
+    """Background noise of a coadd (its BUNIT per pixel), cached until the file changes.
+
+    With ``measure=False`` only a cached value is returned (None when not measured yet):
+    the page does not wait for a 4k FITS to be read, the warm-up thread measures it.
+    """
     try:
         mtime = os.stat(path).st_mtime_ns
     except OSError:
         return None
     key = (path, mtime)
     with _depth_lock:
-        if key in _depth_cache:
-            return _depth_cache[key]
+        if key in _depth_cache or not measure:
+            return _depth_cache.get(key)
     from observd.render import sky_stats
 
     try:
@@ -155,7 +160,7 @@ def _sky_noise(path: str) -> float | None:
     return value
 
 
-def _stacks(catalog: Catalog, root: Path, night: str) -> list[dict[str, Any]]:
+def _stacks(catalog: Catalog, root: Path, night: str, measure: bool) -> list[dict[str, Any]]:
     rows = catalog.db["coadds"].rows_where("night = ?", [night], order_by="target, filter")
     out = []
     for row in rows:
@@ -170,7 +175,9 @@ def _stacks(catalog: Catalog, root: Path, night: str) -> list[dict[str, Any]]:
                 "fwhm": stats.get("fwhm"),
                 "warming_up": stats.get("warming_up"),
                 "rejected_fraction": stats.get("rejected_fraction"),
-                "noise": _sky_noise(row["fits"]) if row.get("fits") else None,
+                "noise": sky_noise(row["fits"], measure=measure) if row.get("fits") else None,
+                "fits_path": row.get("fits"),
+                "png_path": row.get("png"),
                 "png": product_url(root, row.get("png")),
                 "fits": product_url(root, row.get("fits")),
                 "updated": row.get("updated"),
@@ -186,7 +193,7 @@ def _composites(products: Products, night: str, names: list[str]) -> list[dict[s
         png = products.rgb(night, name)
         url = product_url(products.root, png)
         if url:
-            out.append({"target": name, "png": url})
+            out.append({"target": name, "png": url, "png_path": str(png)})
     return out
 
 
@@ -225,8 +232,14 @@ def _latest(catalog: Catalog, night: str) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- the view
 
 
-def night_view(catalog: Catalog, products: Products, night: str | None) -> dict[str, Any]:
-    """Everything the page shows for one night (None: the latest night in the catalog)."""
+def night_view(
+    catalog: Catalog, products: Products, night: str | None, *, measure: bool = True
+) -> dict[str, Any]:
+    """Everything the page shows for one night (None: the latest night in the catalog).
+
+    ``measure=False`` leaves the stacks' noise None until :func:`sky_noise` has measured
+    it (the page stays fast; the warm-up thread measures).
+    """
     nights = catalog.nights()
     night = night or (nights[-1] if nights else None)
     view: dict[str, Any] = {"night": night, "nights": nights}
@@ -237,7 +250,7 @@ def night_view(catalog: Catalog, products: Products, night: str | None) -> dict[
     frames = frames_data(catalog, night)
     counts = Counter(f"{f['type'] or 'unknown'} {f['status']}" for f in frames)
     masters = catalog.masters("night = ? and status = 'current'", [night])
-    stacks = _stacks(catalog, products.root, night)
+    stacks = _stacks(catalog, products.root, night, measure)
     camera = catalog.camera_health(night)
     warnings = [f"{row['setup']}: {w}" for row in camera for w in (row.get("warnings") or [])]
     view.update(

@@ -33,23 +33,41 @@ JPEG_QUALITY = 88
 
 
 class ImageCache:
-    """A small LRU of rendered PNGs keyed by (what, source mtime, options)."""
+    """A small LRU of rendered pictures keyed by (what, source mtime, options).
+
+    Single-flight: when the warm-up thread and a browser ask for the same picture at
+    once, it is made once and the second caller waits for it.
+    """
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
         self._items: OrderedDict[Hashable, bytes] = OrderedDict()
         self._lock = threading.Lock()
+        self._making: dict[Hashable, threading.Lock] = {}
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._items
 
     def get(self, key: Hashable, make: Callable[[], bytes]) -> bytes:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        data = make()
-        with self._lock:
-            self._items[key] = data
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+            making = self._making.setdefault(key, threading.Lock())
+        with making:
+            with self._lock:
+                if key in self._items:
+                    return self._items[key]
+            try:
+                data = make()
+            finally:
+                with self._lock:
+                    self._making.pop(key, None)
+            with self._lock:
+                self._items[key] = data
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
         return data
 
 
@@ -147,6 +165,7 @@ def thumbnail_jpeg(cache: ImageCache, path: str, width: int) -> bytes:
     JPEG because sky noise makes PNG thumbnails of deep stacks several times larger;
     the full PNG stays one click away.
     """
+    path = os.path.realpath(path)
     key = ("thumb", path, _mtime(path), width)
 
     def make() -> bytes:

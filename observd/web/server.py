@@ -86,6 +86,7 @@ class WebServer:
                 self.stop()
                 raise RuntimeError(f"dome page: cannot listen on {self.host}:{self.port}")
             time.sleep(0.02)
+        server.config.app.state.dome.warm(None)  # the latest night's pictures, before asked
         if self.port == 0:
             for s in server.servers:
                 for sock in s.sockets:
