@@ -21,10 +21,12 @@ with a malformed value is 400 with the reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -241,6 +243,7 @@ class DomeApp:
                 logger.opt(exception=True).debug("dome page: warm-up of {} failed", night)
 
     def _warm_night(self, night: str | None) -> bool:
+        """Make what the page of ``night`` will ask for; True when a number is new."""
         catalog = self.catalog()
         if catalog is None:
             return False
@@ -251,26 +254,13 @@ class DomeApp:
                 if stack["fits_path"] and stack["noise"] is None:
                     new |= data.sky_noise(stack["fits_path"]) is not None
                 if stack["png_path"]:
-                    new |= self._warm_picture(
-                        lambda s=stack: images.thumbnail_jpeg(self.cache, s["png_path"],
-                                                              THUMB_WIDTH))  # fmt: skip
+                    _quietly(images.thumbnail_jpeg, self.cache, stack["png_path"], THUMB_WIDTH)
             for colour in view["composites"]:
-                self._warm_picture(
-                    lambda c=colour: images.thumbnail_jpeg(self.cache, c["png_path"],
-                                                           COLOUR_WIDTH))  # fmt: skip
+                _quietly(images.thumbnail_jpeg, self.cache, colour["png_path"], COLOUR_WIDTH)
             latest = view["latest"]
             if latest and latest["image"]:
-                self._warm_picture(
-                    lambda: images.frame_png(self.cache, catalog, latest["id"], FRAME_WIDTH,
-                                             "jpeg"))  # fmt: skip
+                _quietly(images.frame_png, self.cache, catalog, latest["id"], FRAME_WIDTH, "jpeg")
         return new
-
-    def _warm_picture(self, make) -> bool:
-        try:
-            make()
-        except (OSError, LookupError, ValueError):
-            return False
-        return False  # a picture changes no text: the page already points at it
 
     # -- routes -----------------------------------------------------------------
 
@@ -435,6 +425,12 @@ def create_app(config: Config) -> Starlette:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _quietly(make: Callable[..., object], *args: Any) -> None:
+    """Make a picture ahead of time; a file that vanished or is half-written waits."""
+    with contextlib.suppress(OSError, LookupError, ValueError):
+        make(*args)
 
 
 def _json(body: Any) -> Response:
