@@ -409,3 +409,18 @@ def test_observd_serve_runs_in_the_foreground(night, capsys):
         out, err = proc.communicate(timeout=20)
     assert f"http://127.0.0.1:{port}/" in out
     assert proc.returncode in (0, 130), err
+
+
+def test_before_the_first_frame_the_page_says_so(tmp_path):
+    """No catalog yet (a fresh install): the page, the API and the stream still answer."""
+    config = load_config(write_config(tmp_path))
+    with WebServer(config, port=0) as web:
+        status, body, _ = _get(web, "/")
+        assert status == 200 and b"no catalog yet" in body and b"no frame yet" in body
+        status, body, _ = _get(web, "/api/status")
+        assert status == 200 and json.loads(body)["stacks"] == []
+        assert json.loads(_get(web, "/api/frames")[1]) == {"night": None, "frames": []}
+        assert _get(web, "/products/stacks/x.png")[0] == 404  # no products folder either
+        Catalog(config.paths.catalog).close()  # an empty catalog
+        status, body, _ = _get(web, f"/?night={NIGHT}")
+        assert status == 200 and b"no stack yet" in body
