@@ -105,6 +105,14 @@ def test_page_shows_the_night_stacks_and_colour_and_every_image_loads(night, ser
         coadds = list(catalog.db["coadds"].rows_where("night = ?", [NIGHT]))
     assert len(coadds) == 3  # R, V, B of M 51
     browser.open(server.url)
+    cold = browser.js(
+        "(() => { const n = performance.getEntriesByType('navigation')[0];"
+        " const r = performance.getEntriesByType('resource').map(e => [e.name.split('/')[3],"
+        " Math.round(e.duration)]); return [Math.round(n.responseEnd),"
+        " Math.round(n.domContentLoadedEventEnd), Math.round(n.loadEventEnd), r]; })()"
+    )
+    print(f"\ncold browser, first page: html {cold[0]} ms, DOM {cold[1]} ms, load {cold[2]} ms;"
+          f" resources {cold[3]}")  # fmt: skip
     assert browser.js("document.title") == f"observd · {NIGHT}"
     stacks = browser.js("[...document.querySelectorAll('[data-stack]')].map(e => e.dataset.title)")
     assert sorted(stacks) == sorted(f"{c['target']} {c['filter']}" for c in coadds)
