@@ -440,3 +440,25 @@ def test_before_the_first_frame_the_page_says_so(tmp_path):
         Catalog(config.paths.catalog).close()  # an empty catalog
         status, body, _ = _get(web, f"/?night={NIGHT}")
         assert status == 200 and b"no stack yet" in body
+
+
+def test_image_cache_is_bounded_and_makes_each_picture_once():
+    from observd.web.images import ImageCache
+
+    cache = ImageCache(size=10, max_bytes=10)
+    for key in "abc":
+        assert cache.get(key, lambda k=key: k.encode() * 6) == key.encode() * 6
+    assert "c" in cache and "a" not in cache and "b" not in cache  # 18 bytes > 10
+    calls = []
+
+    def slow() -> bytes:
+        calls.append(1)
+        time.sleep(0.2)
+        return b"picture"
+
+    threads = [threading.Thread(target=cache.get, args=("p", slow)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and cache.get("p", slow) == b"picture"

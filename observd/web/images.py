@@ -33,14 +33,17 @@ JPEG_QUALITY = 88
 
 
 class ImageCache:
-    """A small LRU of rendered pictures keyed by (what, source mtime, options).
+    """A small LRU of rendered pictures keyed by (what, source mtime, options), bounded
+    in entries and in bytes.
 
     Single-flight: when the warm-up thread and a browser ask for the same picture at
     once, it is made once and the second caller waits for it.
     """
 
-    def __init__(self, size: int = 64) -> None:
+    def __init__(self, size: int = 64, max_bytes: int = 64 * 2**20) -> None:
         self.size = size
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._items: OrderedDict[Hashable, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self._making: dict[Hashable, threading.Lock] = {}
@@ -66,8 +69,11 @@ class ImageCache:
                     self._making.pop(key, None)
             with self._lock:
                 self._items[key] = data
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
+                self._bytes += len(data)
+                while len(self._items) > 1 and (
+                    len(self._items) > self.size or self._bytes > self.max_bytes
+                ):
+                    self._bytes -= len(self._items.popitem(last=False)[1])
         return data
 
 
