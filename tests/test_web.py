@@ -370,7 +370,8 @@ def test_daemon_health_follows_the_state_file(night, server):
     body = {"pid": 1, "started": now.isoformat(), "updated": now.isoformat(),
             "state": "running", "queue": 3, "in_hand": None, "processed": 10, "failed": 0,
             "last_event": {"time": now.isoformat(), "path": "/x/M51-001R.fit", "what": "stacked"},
-            "watcher": {"roots": [{"path": "/x", "mode": "polling"}]},
+            "watcher": {"roots": [{"path": "/x", "mode": "polling"}],
+                        "roots_missing": ["/mnt/camera"]},
             "disk_free": {"/": 123 * 2**30}, "night": NIGHT}  # fmt: skip
     try:
         state.write_text(json.dumps(body))
@@ -379,6 +380,7 @@ def test_daemon_health_follows_the_state_file(night, server):
         assert daemon["watcher_mode"] == "polling"
         page = _get(server, "/")[1].decode()
         assert "running" in page and "123.0 GiB" in page and "polling" in page
+        assert "camera folder missing: /mnt/camera" in page
         body["updated"] = (now - timedelta(seconds=60)).isoformat()
         state.write_text(json.dumps(body))
         daemon = json.loads(_get(server, "/api/status")[1])["daemon"]
@@ -462,3 +464,46 @@ def test_image_cache_is_bounded_and_makes_each_picture_once():
     for t in threads:
         t.join()
     assert len(calls) == 1 and cache.get("p", slow) == b"picture"
+
+
+def test_the_daemon_box_follows_the_daemon_live(night, server, browser):
+    state = night["config"].paths.products / "state" / "daemon.json"
+    browser.open(server.url)
+    assert browser.wait_for("document.getElementById('live').classList.contains('on')", 5)
+    pill = "document.querySelector('[data-part=daemon] .pill').textContent"
+    assert browser.js(pill) == "down"
+    now = datetime.now(UTC).isoformat()
+    try:
+        state.write_text(json.dumps({"pid": 1, "started": now, "updated": now,
+                                     "state": "running", "queue": 0, "processed": 5,
+                                     "failed": 0, "night": NIGHT}))  # fmt: skip
+        up = browser.wait_for(f"{pill} === 'running'", 10)
+    finally:
+        state.unlink(missing_ok=True)
+    down = browser.wait_for(f"{pill} === 'down'", 10)
+    print(f"\ndaemon box: running after {up} s, down after {down} s")
+    assert up is not None and down is not None, "the daemon box missed an update"
+    assert up < 2 and down < 2
+
+
+def test_the_event_stream_repeats_the_signature_the_parts_carry(night, server):
+    """A page that fetched its parts between two polls converges: every event carries the
+    signature, and /parts says which signature it was rendered at."""
+    parts = json.loads(_get(server, "/parts")[1])
+    assert set(parts["parts"]) >= {"latest", "stacks", "composites", "timeline", "daemon"}
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    conn.request("GET", "/events")
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.getheader("Content-Type").startswith("text/event-stream")
+    events, t0 = [], time.monotonic()
+    while not (len(events) >= 2 and len(events[1]) == 2) and time.monotonic() - t0 < 5:
+        line = response.fp.readline().decode()
+        if line.startswith("event: "):
+            events.append([line[7:].strip()])
+        elif line.startswith("data: ") and events:
+            events[-1].append(json.loads(line[6:]))
+    conn.close()
+    assert [e[0] for e in events] == ["hello", "state"]
+    assert events[0][1]["sig"] == events[1][1]["sig"] == parts["sig"]
+    assert events[0][1]["night"] == NIGHT

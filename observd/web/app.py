@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -58,7 +59,7 @@ __all__ = ["BadRequest", "create_app"]
 HERE = Path(__file__).resolve().parent
 PARTS = ("summary", "latest", "stacks", "composites", "timeline", "health", "daemon", "recent")
 POLL_SECONDS = 0.5
-PING_SECONDS = 15.0
+STATE_SECONDS = 1.0  # the current signature is repeated this often (see events())
 THUMB_WIDTH = 360  # stack thumbnails
 COLOUR_WIDTH = 480  # colour composites
 FRAME_WIDTH = 900  # the latest frame
@@ -275,9 +276,11 @@ class DomeApp:
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
     def parts_json(self, request: Request) -> Response:
-        view = self.view(_night(request))
+        night = _night(request)
+        sig = _sig_hash(self.signature(night))  # before the view: never newer than it
+        view = self.view(night)
         return JSONResponse(
-            {"night": view["night"], "parts": self.parts(view)},
+            {"night": view["night"], "sig": sig, "parts": self.parts(view)},
             headers={"Cache-Control": "no-store"},
         )
 
@@ -352,6 +355,14 @@ class DomeApp:
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
     async def events(self, request: Request) -> Response:
+        """Server-sent events: ``hello`` on connect, ``change`` when the signature
+        changed (polled every 0.5 s), and ``state`` every second repeating it.
+
+        Each carries the signature's hash; ``/parts`` returns the hash it was rendered
+        at. A page compares the two and fetches the parts again when they differ, so a
+        page that fetched between two polls (and saw a state this stream never saw)
+        still converges within a second.
+        """
         night = _night(request)
 
         async def stream():
@@ -360,14 +371,12 @@ class DomeApp:
             quiet = 0.0
             while not self.closing and not await request.is_disconnected():
                 sig = await anyio.to_thread.run_sync(self.signature, night)
-                if sig != last:
-                    kind = "hello" if last is None else "change"
+                if sig != last or quiet >= STATE_SECONDS:
+                    kind = "hello" if last is None else "change" if sig != last else "state"
                     stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
-                    yield f"event: {kind}\ndata: {json.dumps({'night': sig[0], 'at': stamp})}\n\n"
+                    body = {"night": sig[0], "sig": _sig_hash(sig), "at": stamp}
+                    yield f"event: {kind}\ndata: {json.dumps(body)}\n\n"
                     last, quiet = sig, 0.0
-                elif quiet >= PING_SECONDS:
-                    yield ": ping\n\n"
-                    quiet = 0.0
                 await asyncio.sleep(POLL_SECONDS)
                 quiet += POLL_SECONDS
 
@@ -425,6 +434,10 @@ def create_app(config: Config) -> Starlette:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _sig_hash(sig: tuple) -> str:
+    return hashlib.sha1(repr(sig).encode()).hexdigest()[:16]
 
 
 def _quietly(make: Callable[..., object], *args: Any) -> None:

@@ -5,7 +5,7 @@
   var night = document.body.dataset.night;           /* "" = follow the latest night */
   var query = night ? "?night=" + encodeURIComponent(night) : "";
   var live = document.getElementById("live");
-  var busy = false, again = false, seen = {};
+  var busy = false, again = false, seen = {}, shown = null;
 
   /* ---- live updates: on every event, fetch the sections and swap those that changed */
   function refresh() {
@@ -23,6 +23,7 @@
             seen[name] = data.parts[name];
           }
         });
+        shown = data.sig;
         document.title = "observd · " + (data.night || "no night yet");
         document.body.dataset.updated = String(Date.now());
       })
@@ -32,8 +33,14 @@
 
   function connect() {
     var source = new EventSource("/events" + query);
-    source.addEventListener("hello", function () { live.className = "live on"; refresh(); });
-    source.addEventListener("change", function () { live.className = "live on"; refresh(); });
+    /* every event carries the server's signature; fetch when the page shows another */
+    function check(e) {
+      live.className = "live on";
+      var sig = null;
+      try { sig = JSON.parse(e.data).sig; } catch (err) { /* refresh anyway */ }
+      if (e.type === "hello" || sig !== shown) refresh();
+    }
+    ["hello", "change", "state"].forEach(function (kind) { source.addEventListener(kind, check); });
     source.onerror = function () {
       live.className = "live off";
       /* EventSource retries by itself; if the browser gave up (CLOSED), start again */
