@@ -122,6 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("serve", parents=[common], help="serve the dome page (foreground)")
+    p.add_argument("--host", metavar="H", help="address to bind (default: [web] host)")
+    p.add_argument("--port", type=int, metavar="P", help="port (default: [web] port)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("config", parents=[common], help="print the effective configuration")
     p.set_defaults(func=cmd_config)
     return parser
@@ -137,6 +142,20 @@ def _log_level(args: argparse.Namespace) -> str:
 
 def cmd_config(args: argparse.Namespace) -> int:
     print(to_toml(_config(args)), end="")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from observd.web import serve_forever
+
+    config = _config(args)
+    setup_logging(_log_level(args), config.log_dir)
+    if args.port is not None and not 0 <= args.port < 65536:
+        raise CommandError(f"--port must be within 0..65535, got {args.port}")
+    host = args.host or config.web.host
+    port = config.web.port if args.port is None else args.port
+    print(f"observd serve: the dome page at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    serve_forever(config, host, port)
     return 0
 
 
@@ -363,7 +382,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"products {config.paths.products}\ntruth    {out / 'truth'}\n"
         f"logs     {config.log_dir / 'observd.log'}\n"
         f"try:     observd status --config {config_path}\n"
-        f"         observd serve --config {config_path}"
+        f"page:    observd serve --config {config_path}   (then open "
+        f"http://{config.web.host}:{config.web.port}/)"
     )
     return 0
 
