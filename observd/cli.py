@@ -321,6 +321,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "[watch]\n"
         "settle_seconds = 0.5\n"
         "poll_seconds = 0.5\n"
+        "incomplete_seconds = 10.0\n"
         "[stack]\n"
         "publish_seconds = 2.0\n"
         "[daemon]\n"
