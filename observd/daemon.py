@@ -201,11 +201,15 @@ class Daemon:
         except queue.Empty:
             return []
         items = [first]
+        deadline = time.monotonic() + 0.5
         while len(items) < self.config.daemon.burst:
             try:
                 items.append(self.watcher.output.get_nowait())
             except queue.Empty:
-                break
+                # the watcher may still be handing on the rest of a settle pass
+                if not self.watcher.handing_on or time.monotonic() > deadline:
+                    break
+                time.sleep(0.002)
         if len(items) == 1:
             return items
         by_path = {s.path: s for s in items}

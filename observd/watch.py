@@ -683,6 +683,12 @@ class FrameWatcher:
         self.stop()
 
     @property
+    def handing_on(self) -> bool:
+        """True while settled files are being moved to the output queue (a burst the
+        consumer should take as a whole)."""
+        return bool(self._ready)
+
+    @property
     def running(self) -> bool:
         """True while the checker thread runs."""
         return self._thread is not None and self._thread.is_alive()
@@ -1015,7 +1021,7 @@ class FrameWatcher:
     def _scan_tree(self, root: Path, folder: Path) -> tuple[set[Path] | None, int]:
         """Add every unhandled, unknown frame file under ``folder`` as a candidate."""
         seen: set[Path] = set()
-        added = 0
+        found: list[tuple[Path, os.stat_result]] = []
         try:
             for path in find_frame_files([folder], self.config):
                 if self._stopping.is_set():
@@ -1035,21 +1041,28 @@ class FrameWatcher:
                 version = (st.st_size, st.st_mtime_ns)
                 if self._handed.get(path) == version or self._is_known(path, st):
                     continue
-                now = time.monotonic()
-                with self._lock:
-                    if path not in self._candidates:
-                        self._candidates[path] = _Candidate(
-                            path,
-                            root,
-                            first_seen=now,
-                            next_check=now + self._settle,
-                            version=version,
-                            baseline_at=now,
-                            stat=st,
-                        )
-                        added += 1
+                found.append((path, st))
         except FileNotFoundError:
-            return None, added
+            return None, 0
+        # One settle clock for the whole scan, started once every file has been seen:
+        # the files a scan finds (written while observd was down, or missed) settle in
+        # the same pass and reach the queue together, so the worker can put them in
+        # DATE-OBS order instead of taking the first one it happens to get.
+        now = time.monotonic()
+        added = 0
+        with self._lock:
+            for path, st in found:
+                if path not in self._candidates:
+                    self._candidates[path] = _Candidate(
+                        path,
+                        root,
+                        first_seen=now,
+                        next_check=now + self._settle,
+                        version=(st.st_size, st.st_mtime_ns),
+                        baseline_at=now,
+                        stat=st,
+                    )
+                    added += 1
         return seen, added
 
     def _is_known(self, path: Path, st: os.stat_result) -> bool:
