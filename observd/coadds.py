@@ -45,6 +45,7 @@ class _Live:
     target: str  # display name of the grid: "M 51", "M 51 #2"
     filter: str
     grid: Grid
+    source_filter: str  # the lights' filter (a colour camera's "IRCUT" for its R, G, B)
     since_checkpoint: int = 0
     published: float = 0.0  # monotonic time of the last product write
     dirty: bool = False
@@ -80,15 +81,20 @@ class Coadds:
         transparency: float,
         gain: float | None,
         masters: list[int],
+        channel: str | None = None,
     ) -> tuple[bool, str | None]:
         """Fold one aligned light (ADU on the grid) into its coadd.
+
+        ``channel`` names the coadd's filter when it is not the frame's: one colour of a
+        one-shot-colour camera's frame (``"R"``, ``"G"``, ``"B"``); the three colours of
+        a frame go into three coadds that all record that frame.
 
         Returns
         -------
         (stacked, reason)
             ``reason`` says why a frame was refused (too many pixels disagree).
         """
-        live = self._get(target, frame["filter"] or "", grid)
+        live = self._get(target, channel or frame["filter"] or "", grid, frame["filter"] or "")
         per_second = image / np.float32(frame["exptime"])
         sky = fit_sky(per_second)
         report = live.coadd.add(
@@ -112,7 +118,8 @@ class Coadds:
         live.masters.update(m for m in masters if m)
         live.since_checkpoint += 1
         live.dirty = True
-        self.catalog.db["lights"].update(frame["id"], {"weight": report.weight})
+        if channel in (None, "G"):  # a colour frame's weight: its green's
+            self.catalog.db["lights"].update(frame["id"], {"weight": report.weight})
         if live.since_checkpoint >= self.config.checkpoint_frames:
             self._checkpoint(live)
         if time.monotonic() - live.published >= self.config.publish_seconds:
@@ -148,7 +155,7 @@ class Coadds:
 
     # ----------------------------------------------------------------- state
 
-    def _get(self, target: dict[str, Any], filt: str, grid: Grid) -> _Live:
+    def _get(self, target: dict[str, Any], filt: str, grid: Grid, source: str) -> _Live:
         key = (target["id"], filt)
         if key in self._live:
             return self._live[key]
@@ -175,7 +182,9 @@ class Coadds:
                 )  # fmt: skip
                 .last_pk
             )
-        live = _Live(coadd_id, coadd, target["id"], target["night"], target["name"], filt, grid)
+        live = _Live(
+            coadd_id, coadd, target["id"], target["night"], target["name"], filt, grid, source
+        )
         self._live[key] = live
         return live
 
@@ -265,7 +274,7 @@ class Coadds:
         """Every light of this target and filter with its fate."""
         records = {r.frame_id: r for r in live.coadd.frames}
         lights = self.catalog.lights(
-            "l.target_id = ? and coalesce(l.filter, '') = ?", [live.target_id, live.filter]
+            "l.target_id = ? and coalesce(l.filter, '') = ?", [live.target_id, live.source_filter]
         )
         rows = []
         for light in lights:
