@@ -9,7 +9,10 @@ process (so the peak RSS is the pipeline's, not the simulator's), and prints:
 
 - the wall time of each light's ``Pipeline.process`` (calibrate, measure, align, judge,
   warp, stack, checkpoints, products), mean and median over lights 6-15 and over the
-  last ten, and the same for the coadd stage alone (``Coadds.add``, publishing included);
+  last ten; the process's CPU time for the same (less sensitive to other jobs on a
+  shared machine); the coadd stage alone (``Coadds.add``, publishing included) and its
+  parts; the periodic parts (publish, checkpoint, colour picture) per event, the first
+  three against the last three;
 - the process's peak RSS (``ru_maxrss``) and current RSS after light 20 and after the
   last one.
 
@@ -81,20 +84,38 @@ def run(out: Path) -> dict:
             coadd_seconds.append(time.perf_counter() - t0)
 
     pipeline.coadds.add = timed_add  # type: ignore[method-assign]
+    parts: dict[str, list[float]] = {"publish": [], "checkpoint": [], "rgb": []}
+
+    def timed(name: str, method):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                parts[name].append(time.perf_counter() - t0)
+
+        return call
+
+    for name in parts:
+        method = getattr(pipeline.coadds, f"_{name}")
+        setattr(pipeline.coadds, f"_{name}", timed(name, method))
     lights: list[dict] = []
     rss: dict[int, tuple[float, float]] = {}
     for path in in_time_order(find_frame_files(config.paths.incoming, config), config):
         n_before = len(coadd_seconds)
-        t0 = time.perf_counter()
+        parts_before = {k: len(v) for k, v in parts.items()}
+        t0, c0 = time.perf_counter(), time.process_time()
         result = pipeline.process(path)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         if result is None:
             continue
         frame = catalog.frame(result.frame_id)
         if frame["type"] != "light":
             continue
         coadd = sum(coadd_seconds[n_before:])
-        lights.append({"seconds": seconds, "coadd": coadd, "status": frame["status"]})
+        light = {"seconds": seconds, "cpu": cpu, "coadd": coadd, "status": frame["status"]}
+        light |= {k: sum(v[parts_before[k] :]) for k, v in parts.items()}
+        lights.append(light)
         if len(lights) in (20, 200) or len(lights) % 50 == 0:
             rss[len(lights)] = _rss_mb()
     rss[len(lights)] = _rss_mb()
@@ -145,13 +166,25 @@ def main(argv: list[str] | None = None) -> int:
     coadd = [x["coadd"] for x in lights]
     early, late = (6, 15), (max(1, n - 9), n)
     print(f"{n} lights, {figures['stacked']} stacked, {args.size} px")
-    for name, values in (("light (whole pipeline)", total), ("coadd stage", coadd)):
+    cpu = [x["cpu"] for x in lights]
+    named = [("light (whole pipeline)", total), ("light, CPU time", cpu), ("coadd stage", coadd)]
+    named += [(f"  of which {k}", [x[k] for x in lights]) for k in ("publish", "checkpoint", "rgb")]
+    named.append(("  fold (the rest)", [x["coadd"] - x["publish"] - x["checkpoint"] - x["rgb"]
+                                        for x in lights]))  # fmt: skip
+    for name, values in named:
         e_mean, e_med = _window(values, *early)
         l_mean, l_med = _window(values, *late)
+        ratio = f"{l_mean / e_mean:.3f}" if e_mean > 0 else "-"
         print(f"{name:24s} lights {early[0]}-{early[1]}: mean {e_mean * 1000:7.1f} ms, "
               f"median {e_med * 1000:7.1f} ms | lights {late[0]}-{late[1]}: mean "
               f"{l_mean * 1000:7.1f} ms, median {l_med * 1000:7.1f} ms | late/early "
-              f"(median) {l_med / e_med:.3f}")  # fmt: skip
+              f"(mean) {ratio}")  # fmt: skip
+    for k in ("publish", "checkpoint", "rgb"):  # periodic: cost per event, first vs last
+        events = [x[k] for x in lights if x[k] > 0]
+        if len(events) >= 6:
+            first, last = sum(events[:3]) / 3, sum(events[-3:]) / 3
+            print(f"{k:10s} {len(events):3d} times: first three {first * 1000:7.1f} ms, "
+                  f"last three {last * 1000:7.1f} ms, last/first {last / first:.3f}")  # fmt: skip
     rss = {int(k): v for k, v in figures["rss"].items()}
     for k in sorted(rss):
         print(f"after light {k:4d}: peak RSS {rss[k][0]:7.1f} MB, current {rss[k][1]:7.1f} MB")
