@@ -189,3 +189,33 @@ def test_seestar_m94_stacks_in_colour_deeper_than_one_frame(tmp_path, shared_dat
         assert s_one / s_stack > 2.8
         assert s_stack < 1.15 * ideal
     assert Image.open(folder / "m94_rgb.png").mode == "RGB"
+
+
+def test_a_crash_mid_night_gives_the_same_colour_stacks(tmp_path):
+    """A colour frame is in three coadds (R, G, B): after a crash, the frames after the
+    last checkpoint go into each again, once."""
+    from tests.test_restart import _run as run_with_crash
+
+    plan = NightPlan(
+        targets=("M 51",), filters=("L",), n_light=8, n_bias=3, n_dark=3, dark_exptimes=(60.0,),
+        n_flat=3, meridian_flip=False, dialect="nina", defects=False,
+    )  # fmt: skip
+    truth = simulate_night(tmp_path / "sim", plan, CameraModel(size=256, bayer="RGGB"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    config_a, cat_a = run_with_crash(tmp_path / "a", truth.camera_dir, None)
+    # 6 of 8 lights in: the checkpoint (every 5 frames) holds 5, one to add again
+    config_b, cat_b = run_with_crash(tmp_path / "b", truth.camera_dir, len(truth.files) - 2)
+    for colour in "RGB":
+        a = next(config_a.paths.products.glob(f"stacks/*/*/*_{colour}.fits"))
+        b = next(config_b.paths.products.glob(f"stacks/*/*/*_{colour}.fits"))
+        assert fits.getheader(a)["NCOMBINE"] == fits.getheader(b)["NCOMBINE"] == 8
+        da, db = fits.getdata(a), fits.getdata(b)
+        ok = np.isfinite(da)
+        assert np.array_equal(ok, np.isfinite(db))
+        assert np.max(np.abs(da[ok] - db[ok])) <= 1e-5 * np.nanmax(np.abs(da))
+    assert {r["path"]: r["status"] for r in cat_a.frames()} == {
+        r["path"]: r["status"] for r in cat_b.frames()
+    }
+    for cat in (cat_a, cat_b):
+        cat.close()
