@@ -8,6 +8,11 @@ filters) are written atomically after each frame or at most every
 ``stack.checkpoint_frames`` frames. The catalog's ``coadds`` table records which frames
 each checkpoint holds, so after a crash the coadd resumes from its checkpoint and the
 frames stacked after it are added again, exactly once.
+
+A one-shot-colour light goes into three coadds, the target's R, G and B
+(:meth:`Coadds.add_colour`), which all record that frame; they are published together
+and the colour composite is made once. Nothing here grows with the number of frames
+but the FRAMES table (one row per light, from one indexed query).
 """
 
 from __future__ import annotations

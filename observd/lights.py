@@ -16,6 +16,13 @@ status and reason:
 The first accepted light of a target (any filter) defines the target's grid; a light
 of the same target pointed far away (a new field, a pointing jump) starts a new grid,
 named ``"<target> #2"``, instead of ruining the first one.
+
+A one-shot-colour camera (``BAYERPAT``) is calibrated in CFA space, then debayered into
+full-resolution R, G, B planes; the frame is measured, judged and aligned once, on their
+mean (the luminance), and the one transform puts the three planes on the grid
+(:attr:`Aligned.channels`): the stack takes them as the target's filters R, G and B, so
+the colour picture appears as for a mono camera with three filters. The frame keeps one
+``lights`` row and one status, whatever the number of colours.
 """
 
 from __future__ import annotations
