@@ -371,11 +371,14 @@ def _frames_table(lights: list[dict[str, Any]], records: dict[int, Any]) -> fits
         weights.append(rec.weight if rec is not None else 0.0)
         fwhms.append(light["fwhm"] if light["fwhm"] is not None else np.nan)
         transp.append(light["transparency"] if light["transparency"] is not None else np.nan)
+    def text(values: list[str], width: int) -> np.ndarray:  # FITS strings are bytes
+        return np.array([v.encode("utf-8", "replace")[:width] for v in values], f"S{width}")
+
     columns = [
-        fits.Column("FILE", "200A", array=np.array(files, dtype="U200")),
-        fits.Column("DATE_OBS", "32A", array=np.array(dates, dtype="U32")),
-        fits.Column("FATE", "16A", array=np.array(fates, dtype="U16")),
-        fits.Column("REASON", "200A", array=np.array(reasons, dtype="U200")),
+        fits.Column("FILE", "200A", array=text(files, 200)),
+        fits.Column("DATE_OBS", "32A", array=text(dates, 32)),
+        fits.Column("FATE", "16A", array=text(fates, 16)),
+        fits.Column("REASON", "200A", array=text(reasons, 200)),
         fits.Column("WEIGHT", "D", array=np.array(weights, dtype=np.float64)),
         fits.Column("FWHM", "D", array=np.array(fwhms, dtype=np.float64)),
         fits.Column("TRANSP", "D", array=np.array(transp, dtype=np.float64)),
