@@ -231,18 +231,12 @@ def test_bright_star_photometry_matches_the_truth(night):
             assert np.all(np.abs(coef[1:]) <= bounds.phot_trend)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a filter's flux reference is its first accepted light even when the review "
-    "rejects that light later (NGC 2903 V: a trailed frame), so that stack is ~2 % low "
-    "(lights.LightStage._accept_into_grid, the light path's)",
-)
 def test_stacks_are_on_the_photometric_scale_of_their_reference_frame(night):
     """The coadd is in ADU/s at the transparency of the filter's reference frame: the
     bright stars' fluxes are the truth's times that transparency (and the master flat's
     normalisation)."""
     truth, catalog, stacks, _, _ = night
-    levels = {}
+    levels, rejected_reference = {}, {}
     for name, tt in truth.targets.items():
         target, pad_x, pad_y = _grid(truth, catalog, name)
         for filt in FILTERS:
@@ -255,9 +249,17 @@ def test_stacks_are_on_the_photometric_scale_of_their_reference_frame(night):
             scale = _ref_transparency(truth, frames) * _flat_scale(
                 truth, catalog, target["id"], filt
             )
-            levels[f"{name} {filt}"] = float(np.median(flux / (want * scale)))
-    print("stack flux / truth at the reference scale:", levels)
+            level = float(np.median(flux / (want * scale)))
+            ref_fate = frames["FATE"][frames["TRANSP"] == 1.0][0]
+            (rejected_reference if ref_fate == "rejected" else levels)[f"{name} {filt}"] = level
+    print("stack flux / truth at the reference scale:", levels, rejected_reference)
     assert all(abs(v - 1) <= 0.02 for v in levels.values()), levels
+    if rejected_reference:  # on the scale of a cloudy or trailed frame
+        pytest.xfail(
+            "a filter's flux reference is its first accepted light even when the review "
+            f"rejects that light later (cloudy, trailed): {sorted(rejected_reference)} "
+            "(lights.LightStage._accept_into_grid, the light path's)"
+        )
 
 
 def _defects(truth, name: str, filt: str, used: set[str], pad_x: int, pad_y: int):
@@ -308,7 +310,7 @@ def test_no_cosmic_ray_satellite_or_hot_pixel_residual(night):
                 on_source = ~np.isfinite(resid) | (scene > 3 * sigma)
                 level = sep.Background(np.nan_to_num(resid), mask=on_source, bw=32, bh=32)
                 local = sigma * np.sqrt(expmap.max() / np.maximum(expmap, 1e-3))  # fewer frames
-                z = np.abs(resid - level.back()) / local
+                z = (resid - level.back()) / local
                 # off the stars and the galaxy: there the truth, rendered with the median
                 # seeing, is no exact model of the coadd's PSF
                 z[on_source | (expmap < 0.5 * expmap.max())] = 0.0
@@ -319,12 +321,18 @@ def test_no_cosmic_ray_satellite_or_hot_pixel_residual(night):
                 w = 0.0
                 for x, y in points:
                     if k <= x < nx - k and k <= y < ny - k:
+                        # what a defect leaves is light: cosmic rays, trails, dark current
                         w = max(w, float(z[y - k : y + k + 1, x - k : x + k + 1].max()))
                         n_checked[kind] += 1
                 worst[kind] = w
+            # and nowhere, in either direction, more beyond 5 sigma than noise gives
+            # (over-subtraction, clipped star wings, a defect off its recorded place)
+            n_off, n_px = int((np.abs(z) > 5).sum()), int((z != 0).sum())
             print(f"{name} {filt}: worst residual (sigma) "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in worst.items()))  # fmt: skip
+                  + ", ".join(f"{k} {v:.2f}" for k, v in worst.items())
+                  + f"; {n_off} of {n_px} pixels beyond 5 sigma")  # fmt: skip
             assert max(worst.values()) < bounds.defect_sigma, (name, filt, worst)
+            assert n_off <= 3 + 1e-5 * n_px, (name, filt, n_off)  # Gaussian: 5.7e-7 n_px
     assert min(n_checked.values()) > 0, n_checked  # every kind of defect was looked at
 
 
