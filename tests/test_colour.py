@@ -219,3 +219,34 @@ def test_a_crash_mid_night_gives_the_same_colour_stacks(tmp_path):
     }
     for cat in (cat_a, cat_b):
         cat.close()
+
+
+def test_star_balance_ignores_a_coadds_no_data_border():
+    """A coadd on a padded grid has a wide NaN border; the star balance must still find
+    its stars (it used to take the border's zeros for the noise, and fall back to the
+    sky balance: every star orange)."""
+    import warnings
+
+    from observd import render
+
+    rng = np.random.default_rng(1)
+    n, k = 300, 45
+    yy, xx = np.mgrid[0:n, 0:n]
+    colour = np.array([1.6, 1.0, 0.5])  # red stars, all alike: neutral after balancing
+    channels = {}
+    stars = rng.uniform(k + 15, n - k - 15, (40, 2))
+    peaks = np.geomspace(1000.0, 60.0, 40)  # the brightest near "saturation"
+    for c, name in enumerate("RGB"):
+        img = rng.normal(0.0, 1.0, (n, n)).astype(np.float32)
+        for (x, y), peak in zip(stars, peaks, strict=True):
+            img += (peak * colour[c] * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 4.5)).astype(
+                np.float32
+            )
+        img[:k], img[-k:], img[:, :k], img[:, -k:] = np.nan, np.nan, np.nan, np.nan
+        channels[name] = img
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", render.RenderWarning)
+        rgb = render.rgb_composite(channels, "RGB")
+    x, y = (int(round(v)) for v in stars[10])
+    r, g, b = rgb[y, x] if rgb.shape[-1] == 3 else rgb[:, y, x]
+    assert max(r, g, b) / min(r, g, b) < 1.1  # the stars white, as they should be
