@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from astropy.io import fits
 from loguru import logger
@@ -285,7 +286,7 @@ class Coadds:
         png_path = self.products.stack(live.night, live.target, live.filter, ".png")
         image = coadd.image
         atomic_write_fits(fits_path, self._hdus(live, image))
-        render.quicklook(image, png_path, max_size=self.config.png_max_size)
+        render.quicklook(_fill_cores(image), png_path, max_size=self.config.png_max_size)
         self.catalog.db["coadds"].update(
             live.id,
             {
@@ -342,7 +343,7 @@ class Coadds:
         mapping = render.choose_mapping(sorted(mine))
         if mapping is None:
             return
-        channels = {f: v.coadd.image for f, v in mine.items() if v.coadd.n_frames}
+        channels = {f: _fill_cores(v.coadd.image) for f, v in mine.items() if v.coadd.n_frames}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", render.RenderWarning)
             try:
@@ -384,3 +385,28 @@ def _frames_table(lights: list[dict[str, Any]], records: dict[int, Any]) -> fits
         fits.Column("TRANSP", "D", array=np.array(transp, dtype=np.float64)),
     ]
     return fits.BinTableHDU.from_columns(columns, name="FRAMES")
+
+
+def _fill_cores(image: np.ndarray, largest: int = 15) -> np.ndarray:
+    """For the pictures only: small no-data holes inside the data (the cores of stars
+    saturated in every frame) filled with their brightest neighbours, so a bright star is
+    drawn white instead of with a black dot; the FITS keeps them NaN (no data). The
+    no-data border (wider than ``largest`` px) stays NaN."""
+    nan = ~np.isfinite(image)
+    if not nan.any():
+        return image
+    kernel = np.ones((largest, largest), np.uint8)
+    wide = cv2.dilate(cv2.erode(nan.view(np.uint8), kernel), kernel).astype(bool)
+    holes = nan & ~wide
+    if not holes.any():
+        return image
+    out = image.copy()
+    for _ in range(largest // 2 + 1):
+        grown = cv2.dilate(np.where(np.isfinite(out), out, -np.inf).astype(np.float32),
+                           np.ones((3, 3), np.uint8))  # fmt: skip
+        fill = holes & np.isfinite(grown)
+        out[fill] = grown[fill]
+        holes &= ~fill
+        if not holes.any():
+            break
+    return out

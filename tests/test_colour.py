@@ -250,3 +250,22 @@ def test_star_balance_ignores_a_coadds_no_data_border():
     x, y = (int(round(v)) for v in stars[10])
     r, g, b = rgb[y, x] if rgb.shape[-1] == 3 else rgb[:, y, x]
     assert max(r, g, b) / min(r, g, b) < 1.1  # the stars white, as they should be
+
+
+def test_pictures_draw_saturated_cores_bright_not_black():
+    """A star saturated in every frame has no data at its core (NaN in the FITS); its
+    picture fills the hole from the brightest neighbours; the no-data border stays."""
+    from observd.coadds import _fill_cores
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(0.0, 1.0, (120, 120)).astype(np.float32)
+    yy, xx = np.mgrid[0:120, 0:120]
+    img += (5000.0 * np.exp(-((xx - 60) ** 2 + (yy - 60) ** 2) / 8.0)).astype(np.float32)
+    img[img > 2000] = np.nan  # the saturated core
+    img[:25] = np.nan  # the grid's no-data border
+    out = _fill_cores(img)
+    core = np.isnan(img[30:, :])
+    assert core.sum() >= 9 and np.isfinite(out[30:, :]).all()
+    assert out[30:, :][core].min() >= 1900  # as bright as the core's rim
+    assert np.isnan(out[:25]).all()
+    assert np.array_equal(out[np.isfinite(img)], img[np.isfinite(img)])
