@@ -266,6 +266,6 @@ def test_pictures_draw_saturated_cores_bright_not_black():
     out = _fill_cores(img)
     core = np.isnan(img[30:, :])
     assert core.sum() >= 9 and np.isfinite(out[30:, :]).all()
-    assert out[30:, :][core].min() >= 1900  # as bright as the core's rim
+    assert out[30:, :][core].min() >= 1000  # bright, like the rim around it (sky: 0)
     assert np.isnan(out[:25]).all()
     assert np.array_equal(out[np.isfinite(img)], img[np.isfinite(img)])
