@@ -388,22 +388,26 @@ def _frames_table(lights: list[dict[str, Any]], records: dict[int, Any]) -> fits
 
 
 def _fill_cores(image: np.ndarray, largest: int = 15) -> np.ndarray:
-    """For the pictures only: small no-data holes inside the data (the cores of stars
+    """For the pictures only: small no-data holes enclosed by data (the cores of stars
     saturated in every frame) filled with their brightest neighbours, so a bright star is
-    drawn white instead of with a black dot; the FITS keeps them NaN (no data). The
-    no-data border (wider than ``largest`` px) stays NaN."""
+    drawn bright instead of with a black dot; the FITS keeps them NaN (no data). No-data
+    regions touching the grid's edge, or larger than ``largest`` px across, stay NaN."""
     nan = ~np.isfinite(image)
     if not nan.any():
         return image
-    kernel = np.ones((largest, largest), np.uint8)
-    wide = cv2.dilate(cv2.erode(nan.view(np.uint8), kernel), kernel).astype(bool)
-    holes = nan & ~wide
-    if not holes.any():
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(nan.view(np.uint8), connectivity=8)
+    x, y, w, h = (stats[:, k] for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP,
+                                        cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))  # fmt: skip
+    ny, nx = image.shape
+    small = (w <= largest) & (h <= largest) & (x > 0) & (y > 0) & (x + w < nx) & (y + h < ny)
+    small[0] = False  # the background label (the data)
+    if not small[1:].any():
         return image
+    holes = small[labels]
     out = image.copy()
     for _ in range(largest // 2 + 1):
         grown = cv2.dilate(np.where(np.isfinite(out), out, -np.inf).astype(np.float32),
-                           np.ones((3, 3), np.uint8))  # fmt: skip
+                           np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE)  # fmt: skip
         fill = holes & np.isfinite(grown)
         out[fill] = grown[fill]
         holes &= ~fill
