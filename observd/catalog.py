@@ -507,9 +507,17 @@ class Catalog:
     def upsert_light(self, row: Mapping[str, Any]) -> None:
         self.db["lights"].upsert({"processed": utcnow(), **_encode(row)}, pk="frame_id")
 
-    def lights(self, where: str | None = None, args: Sequence[Any] | None = None) -> list[dict]:
+    def lights(
+        self,
+        where: str | None = None,
+        args: Sequence[Any] | None = None,
+        *,
+        columns: str = "l.*, f.path, f.date_obs, f.exptime, f.status",
+    ) -> list[dict]:
+        """Lights joined with their frames (``l.``, ``f.``); ``columns`` to fetch fewer
+        (no JSON to decode: a coadd's FRAMES table after every frame)."""
         rows = self.db.execute(
-            "select l.*, f.path, f.date_obs, f.exptime, f.status from lights l "
+            f"select {columns} from lights l "
             "join frames f on f.id = l.frame_id"
             + (f" where {where}" if where else "")
             + " order by f.date_obs, l.frame_id",

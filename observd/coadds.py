@@ -8,6 +8,11 @@ filters) are written atomically after each frame or at most every
 ``stack.checkpoint_frames`` frames. The catalog's ``coadds`` table records which frames
 each checkpoint holds, so after a crash the coadd resumes from its checkpoint and the
 frames stacked after it are added again, exactly once.
+
+A one-shot-colour light goes into three coadds, the target's R, G and B
+(:meth:`Coadds.add_colour`), which all record that frame; they are published together
+and the colour composite is made once. Nothing here grows with the number of frames
+but the FRAMES table (one row per light, from one indexed query).
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
 from loguru import logger
 
 from observd import __version__, render
@@ -45,6 +50,7 @@ class _Live:
     target: str  # display name of the grid: "M 51", "M 51 #2"
     filter: str
     grid: Grid
+    source_filter: str  # the lights' filter (a colour camera's "IRCUT" for its R, G, B)
     since_checkpoint: int = 0
     published: float = 0.0  # monotonic time of the last product write
     dirty: bool = False
@@ -88,7 +94,50 @@ class Coadds:
         (stacked, reason)
             ``reason`` says why a frame was refused (too many pixels disagree).
         """
-        live = self._get(target, frame["filter"] or "", grid)
+        filt = frame["filter"] or ""
+        live, result = self._fold(frame, target, grid, filt, image, weight, fwhm,
+                                  transparency, gain, masters)  # fmt: skip
+        self._after([live] if result[0] else [])
+        return result
+
+    def add_colour(
+        self,
+        *,
+        frame: dict[str, Any],
+        target: dict[str, Any],
+        grid: Grid,
+        channels: dict[str, np.ndarray],
+        weight: np.ndarray,
+        fwhm: float,
+        transparency: float,
+        gain: float | None,
+        masters: list[int],
+    ) -> dict[str, tuple[bool, str | None]]:
+        """Fold the colours of one aligned one-shot-colour light into the target's coadds
+        of those names (``"R"``, ``"G"``, ``"B"``), which all record that frame.
+
+        The three are published together, and the colour composite made once.
+
+        Returns
+        -------
+        dict
+            colour -> ``(stacked, reason)`` as for :meth:`add`.
+        """
+        results, done = {}, []
+        for name, image in channels.items():
+            live, results[name] = self._fold(frame, target, grid, name, image, weight, fwhm,
+                                              transparency, gain, masters)  # fmt: skip
+            if results[name][0]:
+                done.append(live)
+        self._after(done)
+        return results
+
+    def _fold(
+        self, frame: dict[str, Any], target: dict[str, Any], grid: Grid, filt: str,
+        image: np.ndarray, weight: np.ndarray, fwhm: float, transparency: float,
+        gain: float | None, masters: list[int],
+    ) -> tuple[_Live, tuple[bool, str | None]]:  # fmt: skip
+        live = self._get(target, filt, grid, frame["filter"] or "")
         per_second = image / np.float32(frame["exptime"])
         sky = fit_sky(per_second)
         report = live.coadd.add(
@@ -108,16 +157,25 @@ class Coadds:
             if why:
                 self._refused(record.frame_id, why)
         if not report.accepted:
-            return False, report.reason
+            return live, (False, report.reason)
         live.masters.update(m for m in masters if m)
         live.since_checkpoint += 1
         live.dirty = True
-        self.catalog.db["lights"].update(frame["id"], {"weight": report.weight})
-        if live.since_checkpoint >= self.config.checkpoint_frames:
-            self._checkpoint(live)
-        if time.monotonic() - live.published >= self.config.publish_seconds:
+        if filt in (frame["filter"] or "", "G"):  # a colour frame's weight: its green's
+            self.catalog.db["lights"].update(frame["id"], {"weight": report.weight})
+        return live, (True, None)
+
+    def _after(self, lives: list[_Live]) -> None:
+        """Checkpoint and publish the coadds a frame went into, when due."""
+        for live in lives:
+            if live.since_checkpoint >= self.config.checkpoint_frames:
+                self._checkpoint(live)
+        now = time.monotonic()
+        due = [lv for lv in lives if now - lv.published >= self.config.publish_seconds]
+        for live in due:
             self._publish(live)
-        return True, None
+        for target_id in dict.fromkeys(lv.target_id for lv in due):
+            self._rgb(target_id)
 
     def reset(self, target_ids: list[int]) -> None:
         """Forget the coadds of these target grids (a restack): rows, checkpoints and
@@ -150,14 +208,18 @@ class Coadds:
 
     def flush(self) -> None:
         """Write every coadd's products and checkpoint (end of a run, shutdown)."""
+        published = []
         for live in self._live.values():
             if live.dirty or live.since_checkpoint:
                 self._checkpoint(live)
                 self._publish(live)
+                published.append(live.target_id)
+        for target_id in dict.fromkeys(published):
+            self._rgb(target_id)
 
     # ----------------------------------------------------------------- state
 
-    def _get(self, target: dict[str, Any], filt: str, grid: Grid) -> _Live:
+    def _get(self, target: dict[str, Any], filt: str, grid: Grid, source: str) -> _Live:
         key = (target["id"], filt)
         if key in self._live:
             return self._live[key]
@@ -184,7 +246,9 @@ class Coadds:
                 )  # fmt: skip
                 .last_pk
             )
-        live = _Live(coadd_id, coadd, target["id"], target["night"], target["name"], filt, grid)
+        live = _Live(
+            coadd_id, coadd, target["id"], target["night"], target["name"], filt, grid, source
+        )
         self._live[key] = live
         return live
 
@@ -231,7 +295,7 @@ class Coadds:
         png_path = self.products.stack(live.night, live.target, live.filter, ".png")
         image = coadd.image
         atomic_write_fits(fits_path, self._hdus(live, image))
-        render.quicklook(image, png_path, max_size=self.config.png_max_size)
+        render.quicklook(_fill_cores(image), png_path, max_size=self.config.png_max_size)
         self.catalog.db["coadds"].update(
             live.id,
             {
@@ -243,10 +307,11 @@ class Coadds:
             },
         )
         live.published, live.dirty = time.monotonic(), False
-        self._rgb(live)
 
     def _hdus(self, live: _Live, image: np.ndarray) -> fits.HDUList:
         coadd = live.coadd
+        lights = self._lights(live)
+        records = {r.frame_id: r for r in coadd.frames}
         header = fits.Header()
         if live.grid.wcs is not None:
             header.update(live.grid.wcs.to_header())
@@ -255,8 +320,7 @@ class Coadds:
         header["NCOMBINE"] = coadd.n_frames
         header["FILTER"] = live.filter
         header["OBJECT"] = live.target
-        dates = [f["date_obs"] for f in self.catalog.frames(
-            f"id in ({','.join(str(i) for i in coadd.frame_ids)})")]  # fmt: skip
+        dates = [x["date_obs"] for x in lights if x["frame_id"] in records and x["date_obs"]]
         if dates:
             header["DATE-OBS"] = min(dates)[:23]
             header["DATE-END"] = max(dates)[:23]
@@ -268,45 +332,27 @@ class Coadds:
         primary = fits.PrimaryHDU(image.astype(np.float32), header)
         expmap = fits.ImageHDU(coadd.exposure.astype(np.float32), name="EXPMAP")
         expmap.header["BUNIT"] = "s"
-        return fits.HDUList([primary, expmap, self._frames_table(live)])
+        return fits.HDUList([primary, expmap, _frames_table(lights, records)])
 
-    def _frames_table(self, live: _Live) -> fits.BinTableHDU:
-        """Every light of this target and filter with its fate."""
-        records = {r.frame_id: r for r in live.coadd.frames}
-        lights = self.catalog.lights(
-            "l.target_id = ? and coalesce(l.filter, '') = ?", [live.target_id, live.filter]
+    def _lights(self, live: _Live) -> list[dict[str, Any]]:
+        """Every light of this coadd's target grid and filter: the columns the products
+        need, through the (night, target, filter) index."""
+        target = self.catalog.target(live.target_id)
+        return self.catalog.lights(
+            "l.night = ? and l.target = ? and l.filter is ? and l.target_id = ?",
+            [live.night, target["target"], live.source_filter or None, live.target_id],
+            columns="l.frame_id, l.verdict, l.reason, l.fwhm, l.transparency, f.path, "
+            "f.date_obs, f.status",
         )
-        rows = []
-        for light in lights:
-            rec = records.get(light["frame_id"])
-            fate = (
-                "used"
-                if rec
-                else ("rejected" if light["verdict"] == "rejected" else light["status"])
-            )
-            rows.append(
-                (
-                    light["path"].rsplit("/", 1)[-1],
-                    light["date_obs"] or "",
-                    fate,
-                    (light["reason"] or "") if not rec else "",
-                    rec.weight if rec else 0.0,
-                    light["fwhm"] or np.nan,
-                    light["transparency"] if light["transparency"] is not None else np.nan,
-                )
-            )
-        names = ("FILE", "DATE_OBS", "FATE", "REASON", "WEIGHT", "FWHM", "TRANSP")
-        table = Table(rows=rows or None, names=names,
-                      dtype=("U200", "U32", "U16", "U200", "f8", "f8", "f8"))  # fmt: skip
-        return fits.BinTableHDU(table, name="FRAMES")
 
-    def _rgb(self, live: _Live) -> None:
+    def _rgb(self, target_id: int) -> None:
         """The target's colour composite once three of its filters have coadds."""
-        mine = {f: v for (tid, f), v in self._live.items() if tid == live.target_id}
+        mine = {f: v for (tid, f), v in self._live.items() if tid == target_id}
+        live = next(iter(mine.values()))
         mapping = render.choose_mapping(sorted(mine))
         if mapping is None:
             return
-        channels = {f: v.coadd.image for f, v in mine.items() if v.coadd.n_frames}
+        channels = {f: _fill_cores(v.coadd.image) for f, v in mine.items() if v.coadd.n_frames}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", render.RenderWarning)
             try:
@@ -317,3 +363,63 @@ class Coadds:
         render.to_png(
             rgb, self.products.rgb(live.night, live.target), max_size=self.config.png_max_size
         )
+
+
+def _frames_table(lights: list[dict[str, Any]], records: dict[int, Any]) -> fits.BinTableHDU:
+    """Every light of a coadd's target and filter with its fate (used + weight, or
+    rejected + reason)."""
+    files, dates, fates, reasons, weights, fwhms, transp = [], [], [], [], [], [], []
+    for light in lights:
+        rec = records.get(light["frame_id"])
+        files.append(light["path"].rsplit("/", 1)[-1])
+        dates.append(light["date_obs"] or "")
+        if rec is not None:
+            fates.append("used")
+        else:
+            fates.append("rejected" if light["verdict"] == "rejected" else light["status"] or "")
+        reasons.append("" if rec is not None else light["reason"] or "")
+        weights.append(rec.weight if rec is not None else 0.0)
+        fwhms.append(light["fwhm"] if light["fwhm"] is not None else np.nan)
+        transp.append(light["transparency"] if light["transparency"] is not None else np.nan)
+    def text(values: list[str], width: int) -> np.ndarray:  # FITS strings are bytes
+        return np.array([v.encode("utf-8", "replace")[:width] for v in values], f"S{width}")
+
+    columns = [
+        fits.Column("FILE", "200A", array=text(files, 200)),
+        fits.Column("DATE_OBS", "32A", array=text(dates, 32)),
+        fits.Column("FATE", "16A", array=text(fates, 16)),
+        fits.Column("REASON", "200A", array=text(reasons, 200)),
+        fits.Column("WEIGHT", "D", array=np.array(weights, dtype=np.float64)),
+        fits.Column("FWHM", "D", array=np.array(fwhms, dtype=np.float64)),
+        fits.Column("TRANSP", "D", array=np.array(transp, dtype=np.float64)),
+    ]
+    return fits.BinTableHDU.from_columns(columns, name="FRAMES")
+
+
+def _fill_cores(image: np.ndarray, largest: int = 15) -> np.ndarray:
+    """For the pictures only: small no-data holes enclosed by data (the cores of stars
+    saturated in every frame) filled with their brightest neighbours, so a bright star is
+    drawn bright instead of with a black dot; the FITS keeps them NaN (no data). No-data
+    regions touching the grid's edge, or larger than ``largest`` px across, stay NaN."""
+    nan = ~np.isfinite(image)
+    if not nan.any():
+        return image
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(nan.view(np.uint8), connectivity=8)
+    x, y, w, h = (stats[:, k] for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP,
+                                        cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))  # fmt: skip
+    ny, nx = image.shape
+    small = (w <= largest) & (h <= largest) & (x > 0) & (y > 0) & (x + w < nx) & (y + h < ny)
+    small[0] = False  # the background label (the data)
+    if not small[1:].any():
+        return image
+    holes = small[labels]
+    out = image.copy()
+    for _ in range(largest // 2 + 1):
+        grown = cv2.dilate(np.where(np.isfinite(out), out, -np.inf).astype(np.float32),
+                           np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE)  # fmt: skip
+        fill = holes & np.isfinite(grown)
+        out[fill] = grown[fill]
+        holes &= ~fill
+        if not holes.any():
+            break
+    return out

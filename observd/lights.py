@@ -16,6 +16,13 @@ status and reason:
 The first accepted light of a target (any filter) defines the target's grid; a light
 of the same target pointed far away (a new field, a pointing jump) starts a new grid,
 named ``"<target> #2"``, instead of ruining the first one.
+
+A one-shot-colour camera (``BAYERPAT``) is calibrated in CFA space, then debayered into
+full-resolution R, G, B planes; the frame is measured, judged and aligned once, on their
+mean (the luminance), and the one transform puts the three planes on the grid
+(:attr:`Aligned.channels`): the stack takes them as the target's filters R, G and B, so
+the colour picture appears as for a mono camera with three filters. The frame keeps one
+``lights`` row and one status, whatever the number of colours.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ class Aligned:
     measurement: quality.Measurement
     transparency: float
     alignment: register.Alignment
+    # a colour (Bayer) camera: {"R": image, "G": ..., "B": ...} on the grid, each stacked
+    # as the target's filter of that name; ``image`` is then their mean (the luminance)
+    channels: dict[str, np.ndarray] | None = None
 
 
 class LightStage:
@@ -161,18 +171,28 @@ class LightStage:
         cal = self._calibrate(frame, raw.data, sel, count_use=reselect)
         grid = self.grid(light["target_id"])
         alignment = replace(register.reference_alignment(grid), matrix=np.array(light["matrix"]))
-        image = _luminance(cal.image, frame.get("bayer"))
-        warped, weight = register.warp(image, alignment, grid, mask=cal.mask)
+        if frame.get("bayer"):
+            planes = _colour_planes(cal.image, cal.mask, frame["bayer"])
+            image = _planes_luminance(planes)
+            warped, weight, channels = _warp_colour(planes, alignment, grid, cal.mask)
+        else:
+            image, channels = cal.image, None
+            warped, weight = register.warp(image, alignment, grid, mask=cal.mask)
         m = quality.measure(image, mask=cal.mask)
         return Aligned(frame, light["target_id"], warped, weight, m,
-                       light["transparency"] or 1.0, alignment)  # fmt: skip
+                       light["transparency"] or 1.0, alignment, channels)  # fmt: skip
 
     # ----------------------------------------------------------------- stages
 
     def _run(self, frame: dict, data: np.ndarray, header: fits.Header, sel: Selection) -> None:
         cal = self._calibrate(frame, data, sel)
         wcs = _frame_wcs(header) if frame.get("has_wcs") else None
-        image = _luminance(cal.image, frame.get("bayer"))
+        planes = None
+        if frame.get("bayer"):  # colour: judged and aligned once, on the luminance
+            planes = _colour_planes(cal.image, cal.mask, frame["bayer"])
+            image = _planes_luminance(planes)
+        else:
+            image = cal.image
         m = quality.measure(image, mask=cal.mask, pixel_scale=_pixel_scale(frame, wcs))
         key = (frame["target"], frame["filter"] or "")
         judge = self._judge(frame["night"])
@@ -212,8 +232,14 @@ class LightStage:
             self._reject(frame, row, verdict.reason, verdict.numbers)
             return
         self._accept_into_grid(target, alignment, frame, m)
-        image, weight = register.warp(image, alignment, self._grids[target], mask=cal.mask)
-        aligned = Aligned(frame, target, image, weight, m, transparency, alignment)
+        channels = None
+        if planes is not None:  # one transform for the three colours
+            image, weight, channels = _warp_colour(planes, alignment, self._grids[target],
+                                                   cal.mask)  # fmt: skip
+            del planes
+        else:
+            image, weight = register.warp(image, alignment, self._grids[target], mask=cal.mask)
+        aligned = Aligned(frame, target, image, weight, m, transparency, alignment, channels)
         judge.accept(
             key,
             quality.frame_metrics(m, exptime=frame["exptime"], transparency=transparency),
@@ -419,19 +445,48 @@ class LightStage:
                         f" ({reason})" if reason else "")  # fmt: skip
 
 
-def _luminance(image: np.ndarray, bayer: str | None) -> np.ndarray:
-    """A colour (Bayer) frame as one image: the mean of its debayered channels.
+def _colour_planes(cfa: np.ndarray, mask: np.ndarray, bayer: str) -> dict[str, np.ndarray]:
+    """A calibrated colour (Bayer) frame as three full-resolution planes R, G, B.
 
     Under a colour mosaic neighbouring pixels see different colours: measured as they
     are, stars look square and elongated, and a warp mixes the colours. Bilinear
     debayering keeps full resolution (superpixels would leave stars of a small
-    telescope undersampled, their shapes unmeasurable). The mono coadd of a colour
-    camera is this luminance.
+    telescope undersampled, their shapes unmeasurable). Masked pixels (saturated,
+    hot, cosmic rays) were repaired from neighbours of *any* colour by
+    :func:`observd.reduce.calibrate`; here they are left out of the demosaic, which
+    fills them from neighbours of their own colour, so a cosmic ray's repair does not
+    tint the pixels around it. Where a colour has no good pixel within 2 px (inside a
+    large saturated blob) the repaired value stays.
     """
-    if not bayer:
-        return image
-    r, g, b = render.debayer(image, bayer)
-    return (r + g + b) / np.float32(3.0)
+    holed = np.where(mask, np.float32(np.nan), cfa) if mask.any() else cfa
+    planes = dict(zip("RGB", render.debayer(holed, bayer), strict=True))
+    if holed is not cfa:
+        for plane in planes.values():
+            np.copyto(plane, cfa, where=np.isnan(plane))
+    return planes
+
+
+def _planes_luminance(planes: dict[str, np.ndarray]) -> np.ndarray:
+    """The mean of the three colours: what a colour frame is measured, judged and
+    aligned on (and the coadd a mono view of it would be)."""
+    return (planes["R"] + planes["G"] + planes["B"]) / np.float32(3.0)
+
+
+def _warp_colour(
+    planes: dict[str, np.ndarray],
+    alignment: register.Alignment,
+    grid: register.Grid,
+    mask: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The three colours onto the grid with one transform; their mean (the warp is
+    linear: the luminance warped) and the coverage, which the colours share."""
+    channels: dict[str, np.ndarray] = {}
+    weight = None
+    for name, plane in planes.items():
+        channels[name], w = register.warp(plane, alignment, grid, mask=mask)
+        weight = w if weight is None else weight
+    assert weight is not None
+    return _planes_luminance(channels), weight, channels
 
 
 def _metrics(m: quality.Measurement, exptime: float) -> dict[str, Any]:

@@ -169,17 +169,27 @@ class Pipeline:
         health = [
             h for h in self.catalog.camera_health(frame["night"]) if h["setup"] == frame["setup"]
         ]
-        stacked, reason = self.coadds.add(
+        common = dict(
             frame=frame,
             target=target,
             grid=self.lights.grid(aligned.target_id),
-            image=aligned.image,
             weight=aligned.weight,
             fwhm=aligned.measurement.fwhm,
             transparency=aligned.transparency,
             gain=health[0].get("gain") if health else None,
             masters=[light["bias_id"], light["dark_id"], light["flat_id"]],
         )
+        if aligned.channels is None:
+            stacked, reason = self.coadds.add(image=aligned.image, **common)
+        else:  # a colour camera: each colour into the target's coadd of that name
+            results = self.coadds.add_colour(channels=aligned.channels, **common)
+            refused = [
+                f"{name}: {why}"
+                for name, (ok, why) in results.items()
+                if not ok and why != "already in the coadd"  # re-added after a crash
+            ]
+            stacked = len(refused) < len(results)
+            reason = "; ".join(refused) or None
         status = "stacked" if stacked else "rejected"
         with self.catalog.transaction():
             self.catalog.update_frame(
@@ -201,10 +211,21 @@ class Pipeline:
             (row["target_id"], row["filter"]): set(json.loads(row["checkpoint_frames"] or "[]"))
             for row in self.catalog.db["coadds"].rows
         }
+
+        def in_checkpoints(light: dict) -> bool:
+            own = held.get((light["target_id"], light["filter"] or ""), ())
+            if light["frame_id"] in own:
+                return True
+            # a colour camera's frame is in three coadds, R, G and B
+            colour = [held.get((light["target_id"], c)) for c in "RGB"]
+            return all(c is not None and light["frame_id"] in c for c in colour) and bool(
+                self.catalog.frame(light["frame_id"])["bayer"]
+            )
+
         missing = [
             light
             for light in self.catalog.lights("f.status in ('stacked', 'accepted')")
-            if light["frame_id"] not in held.get((light["target_id"], light["filter"] or ""), ())
+            if not in_checkpoints(light)
         ]
         for light in missing:
             frame = self.catalog.frame(light["frame_id"])

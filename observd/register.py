@@ -138,6 +138,10 @@ class Grid:
     wcs_candidate
         An unverified WCS (the reference frame's own header, or the latest frame header
         carried onto the grid): used to *try* the WCS path, never written into a product.
+    ref_index
+        For each reference star, its index in the star list the grid was made from (the
+        reference frame's own alignment pairs them); None for a grid read back from the
+        catalog.
     """
 
     shape: tuple[int, int]
@@ -147,6 +151,7 @@ class Grid:
     ref_y: NDArray[np.float64]
     ref_flux: NDArray[np.float64]
     wcs_candidate: WCS | None = None
+    ref_index: NDArray[np.intp] | None = None
 
     @property
     def frame_shape(self) -> tuple[int, int]:
@@ -216,7 +221,7 @@ def make_grid(
         raise ValueError("pad_fraction must be >= 0")
     pad_y, pad_x = int(round(pad_fraction * ny)), int(round(pad_fraction * nx))
     gshape = (ny + 2 * pad_y, nx + 2 * pad_x)
-    x, y, flux = _star_arrays(stars)
+    x, y, flux, index = _star_arrays(stars)
     gw = _shift_wcs(wcs, pad_x, pad_y, gshape) if wcs is not None else None
     return Grid(
         shape=gshape,
@@ -226,6 +231,7 @@ def make_grid(
         ref_y=y + pad_y,
         ref_flux=flux,
         wcs_candidate=None if wcs_verified else gw,
+        ref_index=index,
     )
 
 
@@ -330,8 +336,11 @@ def reference_alignment(grid: Grid) -> Alignment:
     pad_y, pad_x = grid.pad
     m = np.array([[1.0, 0.0, pad_x], [0.0, 1.0, pad_y]])
     idx = np.arange(grid.ref_x.size)
+    # reference star j is the frame's star ref_index[j] (the grid sorted them by flux)
+    frame_idx = grid.ref_index if grid.ref_index is not None else idx
     ny, nx = grid.frame_shape
-    return Alignment(m, "reference", 0.0, int(idx.size), 0.0, 0.0, 0.0, 1.0, False, idx, idx,
+    return Alignment(m, "reference", 0.0, int(idx.size), 0.0, 0.0, 0.0, 1.0, False, idx,
+                     frame_idx,
                      _footprint_fraction(m, (ny, nx), grid.shape),
                      _hull_fraction(grid.ref_x, grid.ref_y, (ny, nx)))
 
@@ -378,7 +387,7 @@ def align(
     """
     if model not in ("similarity", "affine"):
         raise ValueError(f"model must be 'similarity' or 'affine', not {model!r}")
-    fx, fy, fflux = _star_arrays(stars)
+    fx, fy, fflux, findex = _star_arrays(stars)
     n = fx.size
     if n < min_matches:
         raise NoAlignment(f"no alignment: {n} stars, need >= {min_matches}")
@@ -420,7 +429,9 @@ def align(
             grid_wcs = _carry_wcs(wcs, fit.matrix, shape, grid.shape)
         except (ValueError, np.linalg.LinAlgError):  # pragma: no cover - exotic headers
             grid_wcs = None
-    return replace(_make_alignment(fit, method, shape, grid, wcs_residual, grid_wcs),
+    alignment = _make_alignment(fit, method, shape, grid, wcs_residual, grid_wcs)
+    # the matched stars as indices into the caller's star list, not the sorted copy
+    return replace(alignment, matched_frame=findex[alignment.matched_frame],
                    projection_residual=projection)
 
 
@@ -618,8 +629,11 @@ def _ref_cache(grid: Grid) -> _Ref:
     return r
 
 
-def _star_arrays(stars: StarList) -> tuple[NDArray[F64], NDArray[F64], NDArray[F64]]:
-    """Finite x, y, flux sorted brightest first (stable: input order breaks ties)."""
+def _star_arrays(
+    stars: StarList,
+) -> tuple[NDArray[F64], NDArray[F64], NDArray[F64], NDArray[np.intp]]:
+    """Finite x, y, flux sorted brightest first (stable: input order breaks ties), and
+    each one's index in ``stars``."""
     x = np.asarray(stars.x, dtype=F64).ravel()
     y = np.asarray(stars.y, dtype=F64).ravel()
     flux = np.asarray(stars.flux, dtype=F64).ravel()
@@ -627,9 +641,10 @@ def _star_arrays(stars: StarList) -> tuple[NDArray[F64], NDArray[F64], NDArray[F
         raise ValueError("star x, y and flux differ in length")
     ok = np.isfinite(x) & np.isfinite(y)
     flux = np.where(np.isfinite(flux), flux, -np.inf)
+    index = np.flatnonzero(ok)
     x, y, flux = x[ok], y[ok], flux[ok]
     order = np.argsort(-flux, kind="stable")
-    return x[order], y[order], flux[order]
+    return x[order], y[order], flux[order], index[order]
 
 
 def _apply(m: NDArray[F64], x: NDArray[F64], y: NDArray[F64]) -> tuple[NDArray[F64], NDArray[F64]]:

@@ -667,7 +667,11 @@ def _star_gains(
         det += np.where(np.isfinite(lin[c]), lin[c], F32(0)) * F32(1.0 / noise[c])
     smooth = cv2.GaussianBlur(det, (0, 0), 1.0)
     del det
-    _, s_sig = _clipped_stats(_subsample(smooth, None, MAX_SAMPLES))
+    # the noise of the data alone: a coadd's no-data border (zeros here) would drag it
+    # to 0 and leave no star above it
+    no_data = ~np.isfinite(lin).all(axis=0)
+    _, s_sig = _clipped_stats(_subsample(smooth, no_data, MAX_SAMPLES))
+    del no_data
     if not s_sig > 0:
         return None, 0
     local_max = smooth >= cv2.dilate(smooth, np.ones((5, 5), np.uint8))

@@ -141,6 +141,14 @@ class CameraModel:
     new_hot_pixels
         Extra hot pixels appearing on this night, on top of the baseline ones
         (deterministic from ``camera_seed``; the first ``k`` of ``k + m`` are the same).
+    bayer
+        A one-shot-colour camera: the colours of the pixels ``[0, 0]``, ``[0, 1]``,
+        ``[1, 0]``, ``[1, 1]`` of the stored array (``"RGGB"``, ``"BGGR"``, ``"GRBG"``,
+        ``"GBRG"``; written as ``BAYERPAT`` with ``ROWORDER = 'TOP-DOWN'``). Each pixel
+        of a light sees the stars and the galaxy through the band of its colour: R, V
+        and B (``flux_R``, ``flux_V``, ``flux_B`` in the stars' truth, whatever the
+        plan's filters); the sky, the flats and the wheel's filter (e.g. ``"L"``) are
+        the same for the three colours. None (default): a mono camera.
     """
 
     size: int = 1024
@@ -166,6 +174,7 @@ class CameraModel:
     camera_seed: int = 7
     flat_change: float = 0.0
     new_hot_pixels: int = 0
+    bayer: str | None = None
 
     @property
     def focal_length(self) -> float:
@@ -927,7 +936,7 @@ def _make_target(name: str, plan: NightPlan, cam: CameraModel, theta0: float,
     table["x"], table["y"] = x, y
     table["ra"], table["dec"] = ra, dec
     table["mag_v"], table["b_v"] = mag_v, bv
-    for f in plan.filters:
+    for f in _bands_rendered(plan, cam):
         b = _band(f)
         flux[f] = 10 ** (-0.4 * (mag_v + b.colour * bv - b.zp))
         table[f"flux_{f}"] = flux[f]
@@ -940,7 +949,7 @@ def _make_target(name: str, plan: NightPlan, cam: CameraModel, theta0: float,
     # position angle on the sky -> in the pixel frame (north is +y rotated by theta0)
     pa = (90.0 + pa_sky + theta0) % 180.0
     gflux = {}
-    for f in plan.filters:
+    for f in _bands_rendered(plan, cam):
         b = _band(f)
         gflux[f] = (float(10 ** (-0.4 * (v_disc + b.colour * 0.55 - b.zp))),
                     float(10 ** (-0.4 * (v_bulge + b.colour * 1.0 - b.zp))))
@@ -954,6 +963,24 @@ def _make_target(name: str, plan: NightPlan, cam: CameraModel, theta0: float,
             "flux_disc": {f: v[0] for f, v in gflux.items()},
             "flux_bulge": {f: v[1] for f, v in gflux.items()}}
     return _Target(name, slug, ra0, dec0, ref, x, y, flux, table, gal, info)
+
+
+# a colour camera's pixels: colour -> the band they see
+_BAYER_BANDS = {"R": "R", "G": "V", "B": "B"}
+
+
+def _bands_rendered(plan: NightPlan, cam: CameraModel) -> list[str]:
+    """The bands a light is rendered in: the plan's filters, or a colour camera's three
+    (whatever filter is in its wheel)."""
+    return list(_BAYER_BANDS.values()) if cam.bayer else list(plan.filters)
+
+
+def _bayer_sites(pattern: str, n: int) -> dict[str, np.ndarray]:
+    """colour -> bool mask of its pixels on an ``n x n`` mosaic."""
+    out = {c: np.zeros((n, n), bool) for c in "RGB"}
+    for k, colour in enumerate(pattern.upper()):
+        out[colour][k // 2::2, k % 2::2] = True
+    return out
 
 
 def _galaxy_norm(g: _Galaxy) -> tuple[float, float]:
@@ -1235,6 +1262,9 @@ def _validate(plan: NightPlan, cam: CameraModel) -> None:
         problems.append("filters and targets must be unique")
     if len({slugify(t) for t in plan.targets}) != len(plan.targets):
         problems.append("two targets share a slug")
+    if cam.bayer is not None and (len(cam.bayer) != 4 or sorted(cam.bayer.upper()) != list("BGGR")
+                                  or cam.bayer.upper()[0] == cam.bayer.upper()[3]):
+        problems.append(f"bayer must be RGGB, BGGR, GRBG or GBRG, not {cam.bayer!r}")
     if cam.gain <= 0 or cam.read_noise < 0:
         problems.append("gain must be > 0 and read_noise >= 0")
     try:
@@ -1676,6 +1706,9 @@ def _header(fr: _Frame, plan: NightPlan, cam: CameraModel,
         h["ROWORDER"] = ("TOP-DOWN", "FITS Image Orientation")
         h["EQUINOX"] = (2000.0, "Equinox of celestial coordinate system")
         h["SWCREATE"] = ("N.I.N.A. 3.1.2.9001 (x64)", "Software that created this file")
+    if cam.bayer:
+        h["BAYERPAT"] = (cam.bayer.upper(), "Bayer colour pattern")
+        h["ROWORDER"] = ("TOP-DOWN", "FITS Image Orientation")
     if true_wcs is not None and fr.wcs_mode in ("exact", "perturbed"):
         w = dict(true_wcs)
         if fr.wcs_mode == "perturbed":
@@ -1713,14 +1746,13 @@ def _render(fr: _Frame, plan: NightPlan, cam: CameraModel, maps: _CameraMaps,
             scene = np.zeros((n, n), dtype=np.float32)
             if fr.kind == "light":
                 tgt = targets[fr.target]
-                scale = fr.transparency * t
-                xs, ys = fr.transform.inverse(tgt.stars_x, tgt.stars_y)
-                _add_moffat(scene, xs, ys, tgt.flux[fr.filter] * scale, fr.fwhm)
-                _add_galaxy(scene, tgt.galaxy, fr.filter, fr.transform, fr.fwhm, scale)
-                if fr.trail is not None:
-                    kern = _trail_kernel(fr.trail["length_px"], fr.trail["angle_deg"])
-                    scene = fftconvolve(scene, kern, mode="same").astype(np.float32)
-                    np.maximum(scene, 0.0, out=scene)
+                if cam.bayer:  # each colour's pixels see their own band
+                    for colour, sites in _bayer_sites(cam.bayer, n).items():
+                        own = _light_scene(fr, tgt, _BAYER_BANDS[colour], n)
+                        scene[sites] = own[sites]
+                        del own
+                else:
+                    scene = _light_scene(fr, tgt, fr.filter, n)
                 c = (n - 1) / 2
                 gx, gy = fr.sky_gradient
                 ramp = np.arange(n, dtype=np.float32) - np.float32(c)
@@ -1750,6 +1782,20 @@ def _render(fr: _Frame, plan: NightPlan, cam: CameraModel, maps: _CameraMaps,
     np.rint(electrons, out=electrons)
     np.clip(electrons, 0, cam.saturation, out=electrons)
     return electrons.astype(np.uint16)
+
+
+def _light_scene(fr: _Frame, tgt: _Target, band: str, n: int) -> np.ndarray:
+    """Stars and galaxy of a light in one band, e- (before the flat, without sky)."""
+    scene = np.zeros((n, n), dtype=np.float32)
+    scale = fr.transparency * fr.exptime
+    xs, ys = fr.transform.inverse(tgt.stars_x, tgt.stars_y)
+    _add_moffat(scene, xs, ys, tgt.flux[band] * scale, fr.fwhm)
+    _add_galaxy(scene, tgt.galaxy, band, fr.transform, fr.fwhm, scale)
+    if fr.trail is not None:
+        kern = _trail_kernel(fr.trail["length_px"], fr.trail["angle_deg"])
+        scene = fftconvolve(scene, kern, mode="same").astype(np.float32)
+        np.maximum(scene, 0.0, out=scene)
+    return scene
 
 
 def _fits_bytes(data: np.ndarray, header: fits.Header) -> bytes:
@@ -2013,7 +2059,7 @@ def _write_truth(truth: NightTruth, maps: _CameraMaps, targets: dict[str, _Targe
         fwhm = truth.targets[name].fwhm_ref
         if fwhm is None:
             continue
-        for f in truth.plan.filters:
+        for f in _bands_rendered(truth.plan, cam):
             img = _scene_truth(tg, f, cam.size, fwhm, cam.gain, truth.plan.light_exptime)
             cards = [("BUNIT", "adu/s", "stars + galaxy, unit flat, transparency 1"),
                      ("OBJECT", name, ""), ("FILTER", f, ""),
