@@ -88,6 +88,7 @@ class LightStage:
         self._judges: dict[str, quality.Judge] = {}  # per night
         self._grids: dict[int, register.Grid] = {}  # per target id
         self._held: dict[int, Aligned] = {}  # provisional frames, by frame id
+        self._waiting_for_reference: set[int] = set()  # held until their reference is judged
         self._prepared: dict[tuple, reduce.Masters] = {}  # the last masters combination
 
     # ----------------------------------------------------------------- entry
@@ -125,6 +126,7 @@ class LightStage:
     def finish(self) -> None:
         """End of a run: waiting lights processed, provisional frames confirmed."""
         self.retry_waiting(final=True)
+        self._waiting_for_reference.clear()
         for frame_id in sorted(self._held, key=lambda i: self._held[i].frame["date_obs"]):
             aligned = self._held.pop(frame_id)
             self._confirm(aligned, "accepted alone: no other frame of its filter to compare")
@@ -250,7 +252,12 @@ class LightStage:
         note = f"calibrated without {', '.join(missing)}" if missing else None
         self.catalog.upsert_light(row | {"verdict": "accepted", "reason": note,
                                          "numbers": verdict.numbers})  # fmt: skip
-        if verdict.provisional:
+        if verdict.provisional or self._reference_held(target, frame["filter"] or ""):
+            # a frame measured against a flux reference that is itself still on probation
+            # waits with it: if the reference turns out cloudy, its scale is corrected
+            # before it reaches the stack
+            if not verdict.provisional:
+                self._waiting_for_reference.add(frame["id"])
             self._held[frame["id"]] = aligned
             self._set_status(frame, "provisional", note)
         else:
@@ -394,6 +401,7 @@ class LightStage:
         ok = ~m.stars.saturated[alignment.matched_frame]
         idx_ref, idx_frame = alignment.matched_ref[ok], alignment.matched_frame[ok]
         value = quality.transparency(ref_flux[idx_ref], m.stars.flux[idx_frame] / frame["exptime"])
+        value /= ref.get("scale", 1.0)  # the reference was replaced (see _replace_reference)
         return float(value) if math.isfinite(value) else 1.0
 
     # ----------------------------------------------------------------- verdicts
@@ -417,6 +425,9 @@ class LightStage:
         aligned = self._held.pop(frame_id, None)
         if aligned is None:
             return
+        target_id, filt = aligned.target_id, aligned.frame["filter"] or ""
+        ref = (self.catalog.target(target_id)["filter_refs"] or {}).get(filt)
+        is_reference = ref is not None and ref["frame_id"] == frame_id
         if verdict.accepted:
             self._confirm(aligned, None)
         else:
@@ -424,6 +435,51 @@ class LightStage:
                    "numbers": verdict.numbers}  # fmt: skip
             self.catalog.upsert_light(row)
             self._set_status(aligned.frame, "rejected", verdict.reason)
+        if not is_reference:
+            return
+        waiting = sorted(
+            (i for i in self._waiting_for_reference
+             if self._held[i].target_id == target_id and (self._held[i].frame["filter"] or "")
+             == filt),
+            key=lambda i: self._held[i].frame["date_obs"],
+        )  # fmt: skip
+        if not verdict.accepted:
+            self._replace_reference(target_id, aligned.frame, [self._held[i] for i in waiting])
+        for i in waiting:
+            self._waiting_for_reference.discard(i)
+            self._confirm(self._held.pop(i), None)
+
+    def _replace_reference(self, target_id: int, bad: dict, waiting: list[Aligned]) -> None:
+        """A filter's flux reference was rejected (a cloudy first frame): put the filter on
+        the scale of the frames accepted since, so its stack is not several times too faint.
+
+        Their transparencies, measured against the bad reference, say by how much: their
+        median becomes 1, for them, for the judge and for every later frame.
+        """
+        values = [a.transparency for a in waiting if math.isfinite(a.transparency) and
+                  a.transparency > 0]  # fmt: skip
+        if not values:
+            return
+        factor = float(np.median(values))
+        target = self.catalog.target(target_id)
+        refs = target["filter_refs"] or {}
+        filt = bad["filter"] or ""
+        refs[filt] = {**refs[filt], "scale": refs[filt].get("scale", 1.0) * factor,
+                      "rejected_reference": bad["id"]}  # fmt: skip
+        self.catalog.update_target(target_id, {"filter_refs": refs})
+        self._judge(bad["night"]).rescale_transparency((bad["target"], filt), factor)
+        for a in waiting:
+            a.transparency /= factor
+            self.catalog.upsert_light({"frame_id": a.frame["id"], "transparency": a.transparency})
+        logger.info(
+            "{} {}: flux reference {} rejected; the filter's frames are rescaled by 1/{:.3g}",
+            target["name"], filt, bad["path"].rsplit("/", 1)[-1], factor,
+        )  # fmt: skip
+
+    def _reference_held(self, target_id: int, filt: str) -> bool:
+        """True while the filter's flux reference is a provisional frame."""
+        ref = (self.catalog.target(target_id)["filter_refs"] or {}).get(filt)
+        return ref is not None and ref["frame_id"] in self._held
 
     def _confirm(self, aligned: Aligned, note: str | None) -> None:
         self._set_status(aligned.frame, "accepted", note)

@@ -1344,6 +1344,13 @@ class Judge:
             out.append((e["frame"], verdict))
         return out
 
+    def rescale_transparency(self, key: Key, factor: float) -> None:
+        """Divide the recorded transparencies of ``key`` by ``factor``: its flux reference
+        was replaced by one ``factor`` times brighter (a cloudy first frame)."""
+        for e in self._history.get(_key(key), []):
+            if e.get("transparency") is not None and math.isfinite(e["transparency"]):
+                e["transparency"] /= factor
+
     def pending(self) -> list[tuple[Key, str | None]]:
         """Accepted frames still provisional, as ``(key, frame)``: at the end of a night,
         the only frame of a filter stays provisional; the caller decides (its verdict
