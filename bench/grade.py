@@ -149,7 +149,7 @@ def _grading_stars(truth: NightTruth, target: str, filt: str, tx, ty, tflux, fwh
     central = (tx > 0.1 * n) & (tx < 0.9 * n) & (ty > 0.1 * n) & (ty < 0.9 * n)
     bright = (tflux * t > 30_000) & (peak < headroom)
     gal = truth.targets[target].galaxy
-    far = np.hypot(tx - gal["x"], ty - gal["y"]) > 8 * gal["disc_scale_px"] + 5 * fwhm0
+    far = np.hypot(tx - gal["x"], ty - gal["y"]) > 6 * gal["disc_scale_px"] + 5 * fwhm0
     tree = cKDTree(np.column_stack([tx, ty]))
     isolated = np.zeros(tx.size, bool)
     cand = np.flatnonzero(central & bright & far)

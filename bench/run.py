@@ -64,8 +64,15 @@ TOOLS = ("observd", "notebook", "ccdproc+astroalign", "siril")
 
 def simulate(folder: Path, size: int, n_light: int, *, n_bias: int = 5, n_dark: int = 3,
              n_flat: int = 5, defects: bool = True) -> float:  # fmt: skip
-    """A night of one target in one filter, exact WCS in every light; seconds taken."""
+    """A night of one target in one filter, exact WCS in every light; seconds taken.
+
+    A night already simulated there (``--keep``) is reused: same inputs, same bytes.
+    """
     from observd.simulate import CameraModel, NightPlan, simulate_night
+
+    if (folder / "truth" / "truth.json").exists():
+        return 0.0
+    shutil.rmtree(folder, ignore_errors=True)
 
     plan = NightPlan(n_bias=n_bias, dark_exptimes=(60.0,), n_dark=n_dark, filters=(FILTER,),
                      n_flat=n_flat, targets=(TARGET,), n_light=n_light, wcs="exact",
@@ -257,6 +264,8 @@ def _env() -> dict[str, str]:
 
 def run_tool(tool: str, night: Path, work: Path, *, profile: bool = False) -> Run:
     json_path = work / f"{tool}.json"
+    shutil.rmtree(work / tool, ignore_errors=True)
+    json_path.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--night",
            str(night), "--work", str(work / tool), "--json", str(json_path)]  # fmt: skip
     if profile:
@@ -266,6 +275,7 @@ def run_tool(tool: str, night: Path, work: Path, *, profile: bool = False) -> Ru
 
 def run_ingest(night: Path, work: Path) -> Run:
     """End to end: ``python -m observd ingest`` of the night's camera folder."""
+    shutil.rmtree(work / "ingest", ignore_errors=True)
     toml = observd_config(work / "ingest", night / "camera")
     cmd = [sys.executable, "-m", "observd", "ingest", str(night / "camera"), "--config",
            str(toml), "--quiet"]  # fmt: skip
@@ -291,7 +301,12 @@ def refresh_cost(folder: Path, size: int, n: int = 30) -> dict[str, Any]:
 
     plan = NightPlan(n_bias=n, dark_exptimes=(), n_dark=0, filters=(), n_flat=0, targets=(),
                      n_light=0, defects=False)  # fmt: skip
-    simulate_night(folder / "sim", plan, CameraModel(size=size), truth_images=False)
+    folder = folder / f"{size}px-{n}"
+    if not (folder / "sim" / "truth" / "truth.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        simulate_night(folder / "sim", plan, CameraModel(size=size), truth_images=False)
+    for old in folder.glob("o0.sqlite*"):  # a kept folder: a fresh catalog
+        old.unlink()
     times = run_once(folder, 0)
     return {"size": size, "times": times, "first": times[0], "last": times[-1],
             "early": statistics.median(times[1:5]), "late": statistics.median(times[-4:])}
@@ -413,7 +428,7 @@ def default_run(args: argparse.Namespace, tmp: Path) -> str:
 
     t_all = time.perf_counter()
     # 1. the latency night
-    lat_night = tmp / f"night{args.size}"
+    lat_night = tmp / f"night-{args.size}px-{args.frames}"
     same = args.size == args.compare_size and args.frames == args.compare_frames
     t_sim = simulate(lat_night, args.size, args.frames)
     print(f"simulated the latency night: {args.frames} lights of {args.size} px "
@@ -426,7 +441,7 @@ def default_run(args: argparse.Namespace, tmp: Path) -> str:
     if same:
         cmp_night = lat_night
     else:
-        cmp_night = tmp / f"night{args.compare_size}"
+        cmp_night = tmp / f"night-{args.compare_size}px-{args.compare_frames}"
         t_sim = simulate(cmp_night, args.compare_size, args.compare_frames)
         print(f"simulated the comparison night: {args.compare_frames} lights of "
               f"{args.compare_size} px in {t_sim:.0f} s", flush=True)  # fmt: skip
@@ -447,10 +462,12 @@ def default_run(args: argparse.Namespace, tmp: Path) -> str:
         runs[tool] = run_tool(tool, cmp_night, tmp / "cmp")
         if runs[tool].rc != 0:
             print(f"  {tool} failed: {runs[tool].error}")
-    ingest = run_ingest(cmp_night, tmp / "cmp")
+    ingest = run_ingest(cmp_night, tmp / "cmp") if not args.no_ingest else None
     grades = {tool: grade_run(run, cmp_night) for tool, run in runs.items() if run.rc == 0}
     # 3. master refresh
-    refresh = refresh_cost(tmp / "refresh", args.refresh_size, args.refresh_frames)
+    refresh = None
+    if args.refresh_frames >= 2:
+        refresh = refresh_cost(tmp / "refresh", args.refresh_size, args.refresh_frames)
 
     # report
     n_cmp = args.compare_frames
@@ -480,7 +497,9 @@ def default_run(args: argparse.Namespace, tmp: Path) -> str:
         "unsaturated true stars; noise: sky noise per pixel from 4x4-binned blocks, in the "
         "stars' flux scale (lower is deeper); phot scatter: robust scatter of aperture flux "
         "/ true flux.")  # fmt: skip
-    if ingest.rc == 0:
+    if ingest is None:
+        pass
+    elif ingest.rc == 0:
         say(f"- `observd ingest` end to end on the same {len(night_files(cmp_night).get('light', []))}"  # noqa: E501
             f" lights + calibrations: {ingest.wall:.1f} s wall, peak RSS "
             f"{ingest.peak_mb:.0f} MB")  # fmt: skip
@@ -496,6 +515,14 @@ def default_run(args: argparse.Namespace, tmp: Path) -> str:
                     f"than {tool}")  # fmt: skip
     if skipped:
         say(f"- skipped: {', '.join(skipped)}")
+    if refresh is not None:
+        report_refresh(refresh, say)
+    say()
+    say(f"(harness wall time {time.perf_counter() - t_all:.0f} s)")
+    return "\n".join(out)
+
+
+def report_refresh(refresh: dict[str, Any], say) -> None:
     say()
     say(f"## Master bias refresh ({refresh['size']} px, {len(refresh['times'])} biases)")
     say()
@@ -503,14 +530,11 @@ def default_run(args: argparse.Namespace, tmp: Path) -> str:
         f"{1000 * refresh['last']:.0f} ms: ratio {refresh['last'] / refresh['first']:.2f} "
         f"(target <= 1.2); biases 2-5 median {1000 * refresh['early']:.0f} ms, last 4 "
         f"{1000 * refresh['late']:.0f} ms")  # fmt: skip
-    say()
-    say(f"(harness wall time {time.perf_counter() - t_all:.0f} s)")
-    return "\n".join(out)
 
 
 def scaling_run(args: argparse.Namespace, tmp: Path) -> str:
     out: list[str] = []
-    night = tmp / "scaling"
+    night = tmp / f"scaling-{args.scaling_size}px-{args.scaling_frames}"
     n = args.scaling_frames
     t_sim = simulate(night, args.scaling_size, n, defects=False)
     print(f"simulated {n} lights of {args.scaling_size} px in {t_sim:.0f} s", flush=True)
@@ -549,7 +573,7 @@ def profile_run(args: argparse.Namespace, tmp: Path) -> str:
     stages = list(STAGES)
     rows, tops = [], {}
     for size in args.profile_sizes:
-        night = tmp / f"prof{size}"
+        night = tmp / f"profile-{size}px-{args.profile_frames}"
         simulate(night, size, args.profile_frames, n_bias=3, n_dark=3, n_flat=3, defects=False)
         plain = run_tool("observd", night, tmp / f"plain{size}")
         run = run_tool("observd", night, tmp / f"prof{size}w", profile=True)
@@ -618,7 +642,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compare-frames", type=int, default=20, help="comparison lights (20)")
     p.add_argument("--skip", nargs="*", default=[], choices=TOOLS[1:], help="peers to skip")
     p.add_argument("--refresh-size", type=int, default=2048, help="bias refresh px (2048)")
-    p.add_argument("--refresh-frames", type=int, default=30)
+    p.add_argument("--refresh-frames", type=int, default=30, help="0: no refresh timing")
+    p.add_argument("--no-ingest", action="store_true", help="skip `observd ingest`")
     p.add_argument("--scaling", action="store_true", help="light 10 vs 200, RSS 20 vs 200")
     p.add_argument("--scaling-size", type=int, default=1024)
     p.add_argument("--scaling-frames", type=int, default=200)
