@@ -170,6 +170,7 @@ def worker_observd(night: Path, work: Path, profile: bool) -> dict[str, Any]:
     })  # fmt: skip
     prof = cProfile.Profile() if profile else None
     lights: list[float] = []
+    cpu: list[float] = []
     rss: list[tuple[int, int]] = []
     calib = 0.0
     t_start = time.perf_counter()
@@ -179,13 +180,14 @@ def worker_observd(night: Path, work: Path, profile: bool) -> dict[str, Any]:
             is_light = truth.file(path).type == "light"
             if prof is not None and is_light:
                 prof.enable()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             pipeline.process(path)
             dt = time.perf_counter() - t0
             if prof is not None and is_light:
                 prof.disable()
             if is_light:
                 lights.append(dt)
+                cpu.append(time.process_time() - c0)
                 rss.append(_rss_kb())
             else:
                 calib += dt
@@ -197,8 +199,9 @@ def worker_observd(night: Path, work: Path, profile: bool) -> dict[str, Any]:
             statuses[f["status"]] = statuses.get(f["status"], 0) + 1
     stack = Products(config.paths.products).stack(truth.plan.night, TARGET, FILTER)
     used = fits.getheader(stack).get("NCOMBINE") if stack.exists() else None
-    result = {"masters_s": calib, "light_times": lights, "lights_s": sum(lights) + t_finish,
-              "finish_s": t_finish, "wall_s": time.perf_counter() - t_start, "rss": rss,
+    result = {"masters_s": calib, "light_times": lights, "light_cpu": cpu,
+              "lights_s": sum(lights) + t_finish, "finish_s": t_finish,
+              "wall_s": time.perf_counter() - t_start, "rss": rss,
               "frames_used": used, "statuses": statuses,
               "stack": str(stack) if stack.exists() else None}  # fmt: skip
     if prof is not None:
@@ -235,6 +238,7 @@ class Run:
     rc: int
     wall: float
     peak_mb: float
+    cpu: float = float("nan")
     data: dict[str, Any] = field(default_factory=dict)
     error: str = ""
 
@@ -247,7 +251,7 @@ def run_measured(cmd: list[str], json_path: Path | None = None, env=None) -> Run
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
-    run = Run(proc.returncode, wall, usage.ru_maxrss / 1024)
+    run = Run(proc.returncode, wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)
     if proc.returncode != 0:
         lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
         run.error = lines[-1] if lines else f"exit {proc.returncode}"
@@ -393,18 +397,18 @@ def tool_rows(runs: dict[str, Run], grades: dict[str, dict], n_lights: int) -> l
         if run is None:
             continue
         if run.rc != 0 or not run.data:
-            rows.append([tool, "failed: " + (run.error or "?")[:70]] + [""] * 9)
+            rows.append([tool, "failed: " + (run.error or "?")[:70]] + [""] * (len(HEAD) - 2))
             continue
         d, g = run.data, grades.get(tool, {})
         per_light = d["lights_s"] / n_lights
         rows.append([tool, fmt(per_light), fmt(60 / per_light, ".1f"), fmt(d["masters_s"], ".1f"),
-                     fmt(run.wall, ".1f"), fmt(run.peak_mb, ".0f"), fmt(g.get("fwhm")),
-                     fmt(g.get("noise"), ".4f"), fmt(g.get("phot_scatter")),
+                     fmt(run.wall, ".1f"), fmt(run.cpu, ".1f"), fmt(run.peak_mb, ".0f"),
+                     fmt(g.get("fwhm")), fmt(g.get("noise"), ".4f"), fmt(g.get("phot_scatter")),
                      f"{d.get('frames_used')}/{n_lights}", g.get("note", "")])  # fmt: skip
     return rows
 
 
-HEAD = ["tool", "s/light", "lights/min", "masters s", "wall s", "peak RSS MB", "FWHM px",
+HEAD = ["tool", "s/light", "lights/min", "masters s", "wall s", "CPU s", "peak RSS MB", "FWHM px",
         "noise", "phot scatter %", "frames used", "note"]  # fmt: skip
 
 
@@ -475,9 +479,12 @@ def default_run(args: argparse.Namespace, tmp: Path) -> str:
         "coadd updated)")  # fmt: skip
     say()
     rss_mb = lat.data["rss"][-1][1] / 1024 if lat.data["rss"] else float("nan")
-    say(f"- latency: median {lat_stats['median']:.3f} s, p95 {np.percentile(lat.data['light_times'], 95):.3f} s, "  # noqa: E501
+    say(f"- latency: median {lat_stats['median']:.3f} s, p95 {lat_stats['p95']:.3f} s, "
         f"mean {lat_stats['mean']:.3f} s over {lat_stats['n']} lights "
         f"(target: median <= 0.5 s, p95 <= 0.8 s)")  # fmt: skip
+    cpu = latency(lat.data["light_cpu"])
+    say(f"- CPU time per light (all threads; less sensitive to a shared machine): median "
+        f"{cpu['median']:.3f} s, p95 {cpu['p95']:.3f} s")  # fmt: skip
     say(f"- throughput: {60 / lat_stats['mean']:.1f} lights/min; end of run (finish) "
         f"{lat.data['finish_s']:.2f} s")  # fmt: skip
     say(f"- peak RSS: {lat.peak_mb:.0f} MB (process), {rss_mb:.0f} MB high-water after the "
@@ -511,8 +518,12 @@ def default_run(args: argparse.Namespace, tmp: Path) -> str:
         for tool in ("notebook", "siril", "ccdproc+astroalign"):
             r = runs.get(tool)
             if r and r.rc == 0:
+                g0, g1 = grades.get("observd", {}), grades.get(tool, {})
                 say(f"- observd is {r.data['lights_s'] / n_cmp / ours:.1f}x faster per light "
-                    f"than {tool}")  # fmt: skip
+                    f"than {tool}; quality observd/{tool}: FWHM "
+                    f"{_ratio(g0, g1, 'fwhm')}, noise {_ratio(g0, g1, 'noise')}, phot "
+                    f"scatter {_ratio(g0, g1, 'phot_scatter')} (<= 1: observd as good or "
+                    "better)")  # fmt: skip
     if skipped:
         say(f"- skipped: {', '.join(skipped)}")
     if refresh is not None:
@@ -520,6 +531,13 @@ def default_run(args: argparse.Namespace, tmp: Path) -> str:
     say()
     say(f"(harness wall time {time.perf_counter() - t_all:.0f} s)")
     return "\n".join(out)
+
+
+def _ratio(a: dict, b: dict, key: str) -> str:
+    x, y = a.get(key), b.get(key)
+    if x is None or y is None or not (np.isfinite(x) and np.isfinite(y)) or y == 0:
+        return "—"
+    return f"{x / y:.2f}"
 
 
 def report_refresh(refresh: dict[str, Any], say) -> None:
@@ -548,6 +566,9 @@ def scaling_run(args: argparse.Namespace, tmp: Path) -> str:
         return statistics.median(times[max(0, k - 10):k])
 
     t10, t200 = around(k_early), around(k_late)
+    cpu = run.data["light_cpu"]
+    c10 = statistics.median(cpu[max(0, k_early - 10):k_early])
+    c200 = statistics.median(cpu[max(0, k_late - 10):k_late])
     k20 = min(20, n)
     hwm20, hwm_n = rss[k20 - 1][1] / 1024, rss[-1][1] / 1024
     rss20, rss_n = rss[k20 - 1][0] / 1024, rss[-1][0] / 1024
@@ -555,12 +576,12 @@ def scaling_run(args: argparse.Namespace, tmp: Path) -> str:
     out.append("")
     out.append(f"- light {k_early} costs {1000 * t10:.0f} ms, light {k_late} "
                f"{1000 * t200:.0f} ms (medians of the 10 lights up to each): ratio "
-               f"{t200 / t10:.2f} (target <= 1.1)")  # fmt: skip
+               f"{t200 / t10:.2f} (target <= 1.1); CPU time {1000 * c10:.0f} -> "
+               f"{1000 * c200:.0f} ms: ratio {c200 / c10:.2f}")  # fmt: skip
     out.append(f"- peak RSS after {k20} lights {hwm20:.0f} MB, after {n} {hwm_n:.0f} MB: "
                f"ratio {hwm_n / hwm20:.2f} (target <= 1.10); current RSS {rss20:.0f} -> "
                f"{rss_n:.0f} MB")  # fmt: skip
-    deciles = [statistics.median(times[i:i + max(1, n // 10)])
-               for i in range(0, n, max(1, n // 10))]  # fmt: skip
+    deciles = [float(np.median(part)) for part in np.array_split(times, min(10, n))]
     out.append("- median ms per tenth of the night: "
                + " ".join(f"{1000 * v:.0f}" for v in deciles))  # fmt: skip
     text = "\n".join(out)
@@ -629,7 +650,7 @@ def write_results(path: Path, body: str, args: argparse.Namespace) -> None:
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(head) + body + "\n")
+    path.write_text("\n".join(head) + "\n" + body + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
