@@ -150,7 +150,7 @@ def _stage_times(prof: cProfile.Profile) -> tuple[dict[str, float], list[tuple[s
     return out, tops
 
 
-def worker_observd(night: Path, work: Path, profile: bool) -> dict[str, Any]:
+def worker_observd(night: Path, work: Path, profile: str | None) -> dict[str, Any]:
     """Every file of the night through Pipeline.process, in DATE-OBS order."""
     from astropy.io import fits
 
@@ -168,7 +168,8 @@ def worker_observd(night: Path, work: Path, profile: bool) -> dict[str, Any]:
         "paths": {"products": str(work / "products"), "catalog": str(work / "o.sqlite")},
         "site": {"timezone": truth.plan.timezone},
     })  # fmt: skip
-    prof = cProfile.Profile() if profile else None
+    clock = time.process_time if profile == "cpu" else time.perf_counter
+    prof = cProfile.Profile(clock) if profile else None
     lights: list[float] = []
     cpu: list[float] = []
     rss: list[tuple[int, int]] = []
@@ -216,7 +217,7 @@ def worker(args: argparse.Namespace) -> None:
     night, work = Path(args.night), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.worker == "observd":
-        result = worker_observd(night, work, args.profile)
+        result = worker_observd(night, work, args.profile_clock if args.profile else None)
     else:
         files = night_files(night)
         out = work / "stack.fits"
@@ -266,14 +267,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_tool(tool: str, night: Path, work: Path, *, profile: bool = False) -> Run:
+def run_tool(tool: str, night: Path, work: Path, *, profile: str | None = None) -> Run:
     json_path = work / f"{tool}.json"
     shutil.rmtree(work / tool, ignore_errors=True)
     json_path.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--night",
            str(night), "--work", str(work / tool), "--json", str(json_path)]  # fmt: skip
     if profile:
-        cmd.append("--profile")
+        cmd += ["--profile", "--profile-clock", profile]
     return run_measured(cmd, json_path, env=_env())
 
 
@@ -372,8 +373,9 @@ def versions() -> dict[str, str]:
     exe = shutil.which("siril-cli")
     if exe:
         try:
-            out["siril"] = subprocess.run([exe, "--version"], capture_output=True, text=True,
-                                          timeout=30).stdout.strip() or "?"  # fmt: skip
+            text = subprocess.run([exe, "--version"], capture_output=True, text=True,
+                                  timeout=30).stdout.strip()  # fmt: skip
+            out["siril"] = text.removeprefix("siril ") or "?"
         except (OSError, subprocess.SubprocessError):
             out["siril"] = "?"
     else:
@@ -590,26 +592,29 @@ def scaling_run(args: argparse.Namespace, tmp: Path) -> str:
 
 
 def profile_run(args: argparse.Namespace, tmp: Path) -> str:
-    out = ["## Profile of observd's per-light path (cProfile, cumulative per stage)", ""]
+    out = [f"## Profile of observd's per-light path (cProfile, {args.profile_clock} clock, "
+           "cumulative per stage)", ""]
     stages = list(STAGES)
     rows, tops = [], {}
     for size in args.profile_sizes:
         night = tmp / f"profile-{size}px-{args.profile_frames}"
         simulate(night, size, args.profile_frames, n_bias=3, n_dark=3, n_flat=3, defects=False)
         plain = run_tool("observd", night, tmp / f"plain{size}")
-        run = run_tool("observd", night, tmp / f"prof{size}w", profile=True)
+        run = run_tool("observd", night, tmp / f"prof{size}w", profile=args.profile_clock)
         if run.rc != 0 or plain.rc != 0:
             raise SystemExit(f"observd failed at {size} px: {run.error or plain.error}")
         n = len(run.data["light_times"])
         st = run.data["stages"]
-        total = sum(run.data["light_times"]) / n
+        key = "light_cpu" if args.profile_clock == "cpu" else "light_times"
+        total = sum(run.data[key]) / n
         other = total - sum(st.values()) / n
         per = [1000 * st[s] / n for s in stages]
         rows.append([str(size), f"{1000 * statistics.median(plain.data['light_times']):.0f}",
                      f"{1000 * total:.0f}"] + [f"{v:.0f}" for v in per]
                     + [f"{1000 * other:.0f}"])  # fmt: skip
         tops[size] = run.data["top"]
-    head = ["px", "median ms (no profiler)", "mean ms (profiled)"] + [f"{s} ms" for s in stages]
+    head = ["px", "median ms (no profiler)", f"mean {args.profile_clock} ms (profiled)"]
+    head += [f"{s} ms" for s in stages]
     out.append(table(rows, head + ["other ms"]))
     out.append("")
     out.append(f"Per light, mean over {args.profile_frames} lights of one filter (the first "
@@ -671,6 +676,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="observd's per-light stages")
     p.add_argument("--profile-sizes", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--profile-frames", type=int, default=8)
+    p.add_argument("--profile-clock", choices=("wall", "cpu"), default="wall",
+                   help="cProfile's clock: wall (a quiet machine) or cpu (a shared one)")
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--keep", type=Path, help="keep the nights and stacks in this folder")
     p.add_argument("--worker", help=argparse.SUPPRESS)
