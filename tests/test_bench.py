@@ -31,12 +31,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout
-    assert "| tool | s/light | lights/min |" in out
-    row = next(line for line in out.splitlines() if line.startswith("| observd |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert not cells[1].startswith("failed"), row
-    assert float(cells[1]) > 0  # s/light
-    used, total = cells[9].split("/")
+    lines = out.splitlines()
+    head = next(line for line in lines if line.startswith("| tool | s/light | lights/min |"))
+    columns = [c.strip() for c in head.strip("|").split("|")]
+    row = next(line for line in lines if line.startswith("| observd |"))
+    cells = dict(zip(columns, [c.strip() for c in row.strip("|").split("|")], strict=True))
+    assert not cells["s/light"].startswith("failed"), row
+    assert float(cells["s/light"]) > 0 and float(cells["peak RSS MB"]) > 50
+    used, total = cells["frames used"].split("/")
     assert total == "5" and 1 <= int(used) <= 5
     # every peer either ran (a row) or was skipped with a message
     for tool in ("notebook", "ccdproc+astroalign", "siril"):
