@@ -162,7 +162,7 @@ class LightStage:
         grid = self.grid(light["target_id"])
         alignment = replace(register.reference_alignment(grid), matrix=np.array(light["matrix"]))
         image = _luminance(cal.image, frame.get("bayer"))
-        warped, weight = register.warp(image, alignment, grid, mask=cal.mask)
+        warped, weight = register.warp(image, alignment, grid, mask=cal.mask, repaired=True)
         m = quality.measure(image, mask=cal.mask)
         return Aligned(frame, light["target_id"], warped, weight, m,
                        light["transparency"] or 1.0, alignment)  # fmt: skip
@@ -212,7 +212,9 @@ class LightStage:
             self._reject(frame, row, verdict.reason, verdict.numbers)
             return
         self._accept_into_grid(target, alignment, frame, m)
-        image, weight = register.warp(image, alignment, self._grids[target], mask=cal.mask)
+        # calibrate repaired the masked pixels: warp need not fill them again
+        image, weight = register.warp(image, alignment, self._grids[target], mask=cal.mask,
+                                      repaired=True)  # fmt: skip
         aligned = Aligned(frame, target, image, weight, m, transparency, alignment)
         judge.accept(
             key,

@@ -69,6 +69,11 @@ class Pipeline:
                 self._fail(frame, "light", exc)
         return result
 
+    def idle(self) -> None:
+        """Nothing to process just now: the catalog learns of the coadd products and
+        checkpoints written in the background since the last light."""
+        self.coadds.collect()
+
     def finish(self) -> None:
         """End of a run or a night: masters up to date, waiting lights processed."""
         self.calibrations.flush()
