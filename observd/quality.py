@@ -558,8 +558,13 @@ def _bin_mask(bad: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return bad
     h, w = bad.shape[0] // factor, bad.shape[1] // factor
-    b = bad[: factor * h, : factor * w].reshape(h, factor, w, factor)
-    return b.any(axis=(1, 3))
+    b = bad[: factor * h, : factor * w]
+    out = b[0::factor, 0::factor].copy()
+    for i in range(factor):  # strided ORs: several times faster than any(axis=...)
+        for j in range(factor):
+            if i or j:
+                out |= b[i::factor, j::factor]
+    return out
 
 
 def _background(data: np.ndarray, bad: np.ndarray | None, binning: int) -> dict[str, Any] | None:
