@@ -30,6 +30,16 @@ How :func:`measure` stays cheap (measured on the simulator, 2 cores: ~80 ms at 1
   star's light they hold does not change with the seeing, so a flux ratio between two
   frames is the ratio of their transparencies.
 
+Faint or broad stars (a 5 s exposure at a long focal length, defocus; the M 13 frames of
+``../shared/data``: FWHM ~10 px, peaks of 1-5 sigma): when the 3x3 filter leaves fewer
+than five good stars, detection runs again with an 8 px Gaussian, then with one of the
+stars' measured width (a matched filter: 2-3x the significance of the 3x3 one for such
+stars), at 0.7 ``detect_sigma``. Shapes are then those of the frame's mean star (the
+median of the flux-normalised stamps, adaptive windowed moments), because 5-parameter
+fits of single stars at S/N 10-30 follow the noise (M 13's round stars came out with
+an elongation of 1.6). "Bright enough for a shape" is an optimal S/N of 20 at the
+frame's PSF: a 10-sigma peak at 2.7 px (as before), 3.4 sigma at 8 px.
+
 Saturated stars are recognised by the ``saturation`` level when given, by masked cores
 (the calibration masks clipped pixels), or by round flat tops -- and then everything
 as bright as the faintest flat top -- and are left out of the shapes.
