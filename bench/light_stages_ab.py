@@ -5,7 +5,7 @@ Usage: python bench/light_stages_ab.py OLD_TREE [--size 4096] [--repeat 5]
 OLD_TREE is a checkout (e.g. ``git archive <commit> | tar -x -C /tmp/old``) whose
 ``observd/{reduce,quality,register,stack}.py`` are loaded beside this tree's (they import
 nothing else of observd). A synthetic frame (sky, noise, Gaussian stars, a few
-saturated ones, cosmic rays) is calibrated, measured, warped onto a shifted grid and
+saturated ones, cosmic rays, vignetting) is calibrated, measured, warped onto a shifted grid and
 folded into a running coadd by both versions, alternately, so both see the same load:
 on a shared machine this is the fair comparison. Prints the median ms per stage.
 """
@@ -33,7 +33,7 @@ def load(tree: Path, name: str):
     return mod
 
 
-def scene(n: int, seed: int, shift: tuple[float, float]) -> np.ndarray:
+def scene(n: int, seed: int, shift: tuple[float, float], flat: np.ndarray) -> np.ndarray:
     rng = np.random.default_rng(seed)
     star = np.random.default_rng(7)
     k = max(20, n * n // 5000)
@@ -47,7 +47,7 @@ def scene(n: int, seed: int, shift: tuple[float, float]) -> np.ndarray:
     img += 1000 + rng.normal(0, 12, (n, n)).astype(np.float32)
     hits = rng.integers(0, n, (2, n // 8))
     img[hits[0], hits[1]] += 5000
-    return np.clip(img + 300, 0, 65535).astype(np.uint16)
+    return np.clip(img * flat + 300, 0, 65535).astype(np.uint16)
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
     flat = flat.astype(np.float32)
     hot = np.zeros((n, n), bool)
     hot[np.random.default_rng(3).integers(0, n, (2, n))] = True
-    frames = [scene(n, s, (0.37 * s, -0.21 * s)) for s in range(args.repeat + 4)]
+    frames = [scene(n, s, (0.37 * s, -0.21 * s), flat) for s in range(args.repeat + 4)]
     times: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
     coadds = {}
     grids = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 __all__ = ["Calibrated", "Masters", "calibrate", "cosmic_ray_mask", "prepare", "repair_pixels"]
@@ -187,18 +188,35 @@ def cosmic_ray_mask(
     bright = image > F32(sky + nsigma * sigma)
     if exclude is not None:
         bright &= ~exclude
-    ys, xs = np.divmod(np.flatnonzero(bright), image.shape[1])
+    flat = np.flatnonzero(bright)
     hits = np.zeros(image.shape, dtype=bool)
-    if ys.size == 0:
+    if flat.size == 0:
         return hits
-    above = image[ys, xs] - F32(sky)
-    neighbours = np.full(ys.size, -np.inf, dtype=F32)
     ny, nx = image.shape
-    for dy, dx in _NEIGHBOURS:
-        yy, xx = np.clip(ys + dy, 0, ny - 1), np.clip(xs + dx, 0, nx - 1)
-        np.maximum(neighbours, image[yy, xx] - F32(sky), out=neighbours)
-    is_hit = above > factor * np.maximum(neighbours, F32(sigma))
-    hy, hx = ys[is_hit], xs[is_hit]
+    if flat.size > _DENSE_CANDIDATES * image.size:
+        # many candidates (a bright nebula, a sky gradient the flat did not take out):
+        # the brightest neighbour of every pixel in one OpenCV pass, whose cost does not
+        # grow with their number (at the frame's border the pixel stands in for its
+        # missing neighbours, as the clipped indices below do)
+        ring = np.ones((3, 3), np.uint8)
+        ring[1, 1] = 0
+        img32 = np.ascontiguousarray(image, dtype=F32)
+        limit = cv2.dilate(img32, ring, borderType=cv2.BORDER_REPLICATE)
+        limit -= F32(sky)
+        np.maximum(limit, F32(sigma), out=limit)
+        limit *= F32(factor)
+        limit += F32(sky)
+        is_hit = img32.ravel()[flat] > limit.ravel()[flat]
+        hy, hx = np.divmod(flat[is_hit], nx)
+    else:
+        ys, xs = np.divmod(flat, nx)
+        above = image[ys, xs] - F32(sky)
+        neighbours = np.full(ys.size, -np.inf, dtype=F32)
+        for dy, dx in _NEIGHBOURS:
+            yy, xx = np.clip(ys + dy, 0, ny - 1), np.clip(xs + dx, 0, nx - 1)
+            np.maximum(neighbours, image[yy, xx] - F32(sky), out=neighbours)
+        is_hit = above > factor * np.maximum(neighbours, F32(sigma))
+        hy, hx = ys[is_hit], xs[is_hit]
     hits[hy, hx] = True
     for dy, dx in _NEIGHBOURS:  # spill-over: bright neighbours of a hit
         yy, xx = np.clip(hy + dy, 0, ny - 1), np.clip(hx + dx, 0, nx - 1)
@@ -207,6 +225,8 @@ def cosmic_ray_mask(
 
 
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+#: Above this fraction of candidate pixels, cosmic rays are found with whole-image passes.
+_DENSE_CANDIDATES = 0.01
 
 
 def _sky(image: np.ndarray) -> tuple[float, float]:
