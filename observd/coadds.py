@@ -308,8 +308,9 @@ class Coadds:
         for master_id in sorted(live.masters):
             m = self.catalog.master(master_id)
             header.add_history(f"master {m['kind']} v{m['version']} {m['path'].rsplit('/', 1)[-1]}")
-        primary = fits.PrimaryHDU(image.astype(np.float32), header)
-        expmap = fits.ImageHDU(coadd.exposure.astype(np.float32), name="EXPMAP")
+        # both are new float32 arrays already (snapshots for the writer): no more copies
+        primary = fits.PrimaryHDU(np.asarray(image, dtype=np.float32), header)
+        expmap = fits.ImageHDU(np.asarray(coadd.exposure, dtype=np.float32), name="EXPMAP")
         expmap.header["BUNIT"] = "s"
         return fits.HDUList([primary, expmap, self._frames_table(live)])
 
