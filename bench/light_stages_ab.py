@@ -64,7 +64,7 @@ def main() -> None:
     flat = 1 - 0.2 * (((xx - n / 2) ** 2 + (yy - n / 2) ** 2) / (n * n / 2))
     flat = flat.astype(np.float32)
     hot = np.zeros((n, n), bool)
-    hot[np.random.default_rng(3).integers(0, n, (2, n))] = True
+    hot[tuple(np.random.default_rng(3).integers(0, n, (2, n)))] = True
     frames = [scene(n, s, (0.37 * s, -0.21 * s), flat) for s in range(args.repeat + 4)]
     times: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
     coadds = {}
