@@ -265,7 +265,7 @@ class Daemon:
     def _idle(self) -> None:
         """Work that waits for a quiet moment; each step guarded so the loop survives."""
         assert self.pipeline is not None
-        self._guard("publish", self.pipeline.coadds.publish_pending)
+        self._guard("publish", self.pipeline.idle)
         now = time.monotonic()
         cfg = self.config.daemon
         if (

@@ -179,7 +179,7 @@ class LightStage:
             warped, weight, channels = _warp_colour(planes, alignment, grid, cal.mask)
         else:
             image, channels = cal.image, None
-            warped, weight = register.warp(image, alignment, grid, mask=cal.mask)
+            warped, weight = register.warp(image, alignment, grid, mask=cal.mask, repaired=True)
         m = quality.measure(image, mask=cal.mask)
         return Aligned(frame, light["target_id"], warped, weight, m,
                        light["transparency"] or 1.0, alignment, channels)  # fmt: skip
@@ -240,7 +240,9 @@ class LightStage:
                                                    cal.mask)  # fmt: skip
             del planes
         else:
-            image, weight = register.warp(image, alignment, self._grids[target], mask=cal.mask)
+            # calibrate repaired the masked pixels: warp need not fill them again
+            image, weight = register.warp(image, alignment, self._grids[target],
+                                          mask=cal.mask, repaired=True)
         aligned = Aligned(frame, target, image, weight, m, transparency, alignment, channels)
         judge.accept(
             key,

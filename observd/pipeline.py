@@ -73,6 +73,12 @@ class Pipeline:
                 self._fail(frame, "light", exc)
         return result
 
+    def idle(self) -> None:
+        """Nothing to process just now: stacks changed since their last write are
+        published, and the catalog learns of the products and checkpoints written in the
+        background since the last light."""
+        self.coadds.publish_pending()
+
     def finish(self) -> None:
         """End of a run or a night: masters up to date, waiting lights processed, stacks
         whose masters were superseded rebuilt, every coadd written."""

@@ -30,6 +30,16 @@ How :func:`measure` stays cheap (measured on the simulator, 2 cores: ~80 ms at 1
   star's light they hold does not change with the seeing, so a flux ratio between two
   frames is the ratio of their transparencies.
 
+Faint or broad stars (a 5 s exposure at a long focal length, defocus; the M 13 frames of
+``../shared/data``: FWHM ~10 px, peaks of 1-5 sigma): when the 3x3 filter leaves fewer
+than five good stars, detection runs again with an 8 px Gaussian, then with one of the
+stars' measured width (a matched filter: 2-3x the significance of the 3x3 one for such
+stars), at 0.7 ``detect_sigma``. Shapes are then those of the frame's mean star (the
+median of the flux-normalised stamps, adaptive windowed moments), because 5-parameter
+fits of single stars at S/N 10-30 follow the noise (M 13's round stars came out with
+an elongation of 1.6). "Bright enough for a shape" is an optimal S/N of 20 at the
+frame's PSF: a 10-sigma peak at 2.7 px (as before), 3.4 sigma at 8 px.
+
 Saturated stars are recognised by the ``saturation`` level when given, by masked cores
 (the calibration masks clipped pixels), or by round flat tops -- and then everything
 as bright as the faintest flat top -- and are left out of the shapes.
@@ -40,6 +50,7 @@ The judging logic and its order are described in :class:`Judge`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -79,6 +90,16 @@ _LN2 = math.log(2.0)
 _PIXEL_FWHM2 = 8.0 * math.log(2.0) / 12.0
 #: Stars whose Moffat fit sets the frame's FWHM and elongation (the brightest good ones).
 _N_FIT = 120
+#: Optimal S/N above which a star's shape counts (see ``_min_peak``).
+_SHAPE_SNR = 20.0
+#: With fewer good stars than this, detection is tried again with a Gaussian filter of
+#: ``_RESCUE_KERNEL`` detection px, then of the stars' width, at ``_RESCUE_SIGMA`` times
+#: ``detect_sigma`` (a matched filter's noise is lower, and its false sources fewer).
+_RESCUE_GOOD = 5
+_RESCUE_SIGMA = 0.7
+_RESCUE_KERNEL = 8.0
+#: Stars stacked for the mean star's shape when too few are good one by one.
+_N_STACK = 200
 
 
 # --------------------------------------------------------------------------------------
@@ -279,44 +300,86 @@ def measure(
             raise ValueError(f"mask shape {mask.shape} differs from image {data.shape}")
         bad = mask.astype(bool, copy=False)
     binning = 2 if data.size >= BIN_ABOVE_PIXELS and min(data.shape) >= 64 else 1
-    small = _bin2(data) if binning == 2 else data
+    small = _bin(data, binning)
     if not np.isfinite(small).all():  # checked on the binned copy: 1/4 of the cost
         holes = ~np.isfinite(data)
         bad = holes if bad is None else bad | holes
         data = np.where(bad, F32(0.0), data)  # a copy: sep and cv2 must not see NaN
-        small = _bin2(data) if binning == 2 else data
+        small = _bin(data, binning)
     if bad is not None and not bad.any():
         bad = None
     if bad is not None and bad.all():
         return _nothing(NAN, NAN, pixel_scale)
-    det = _detect(data, small, bad, detect_sigma, binning)
-    if det is None:
+    sky = _background(data, bad, binning)
+    if sky is None:
         level = float(np.median(data if bad is None else data[~bad]))
         return _nothing(level, 0.0, pixel_scale, binning)
+    det = _detect(small, bad, sky, detect_sigma, binning)
+    m = _stars(data, bad, holes, det, saturation, max_stars, pixel_scale, NAN)
+    if m.n_good < _RESCUE_GOOD and m.n_stars > 0:
+        # broad or faint stars (defocus, bad seeing, a long focal length): the 3x3 filter
+        # is far from matched and finds only the tips of the brightest. Detect again with
+        # a broad Gaussian; the mean star of what it finds gives the stars' width, and a
+        # filter of that width (a matched filter maximises their significance) the
+        # sources and shapes of the frame
+        width = _RESCUE_KERNEL
+        for _ in range(2):
+            d = _detect(small, bad, sky, _RESCUE_SIGMA * detect_sigma, binning, kernel_fwhm=width)
+            m2 = _stars(data, bad, holes, d, saturation, max_stars, pixel_scale,
+                        width * binning)  # fmt: skip
+            if not math.isfinite(m2.fwhm):
+                break
+            m = m2
+            matched = float(np.clip(m2.fwhm / binning, 2.0, _RESCUE_KERNEL))
+            if abs(matched / width - 1.0) < 0.25:
+                break
+            width = matched
+    return m
+
+
+def _stars(
+    data: np.ndarray,
+    bad: np.ndarray | None,
+    holes: np.ndarray | None,
+    det: dict[str, Any],
+    saturation: float | None,
+    max_stars: int,
+    pixel_scale: float | None,
+    psf: float,
+) -> Measurement:
+    """The measurement from the detections ``det``; ``psf`` is the stars' expected FWHM
+    (full-resolution px; NaN: unknown, guessed from the detections)."""
+    binning = det["binning"]
     background, rms = det["background"], det["rms"]
     n_stars = len(det["flux"])
     if n_stars == 0 or not rms > 0:
         return _nothing(background, rms, pixel_scale, binning)
+    # "bright enough for a shape": an optimal (PSF-weighted) S/N of ~20, which is a peak
+    # of 10 sigma for a 2.7 px star and less for broader ones (their light is spread)
+    min_peak = _min_peak(rms, psf)
 
     # refine the brightest sources on the full-resolution image; when too few of them can
     # be trusted for shapes (a rich field at 4k: the brightest hundreds are saturated),
     # refine further batches down the list for the shape measurement alone
     n_keep = min(n_stars, int(max_stars * 1.2) + 10)
-    ref = _refine(data, bad, det, np.arange(n_keep), rms, saturation, None)
+    ref = _refine(data, bad, det, np.arange(n_keep), rms, saturation, _guess(psf))
     refs = [ref]
-    usable = _usable_all(refs, rms, saturation)
+    usable = _usable_all(refs, min_peak, saturation)
     measured = _clipped_median(ref["fwhm"][usable[:n_keep]])
-    if math.isfinite(measured) and abs(measured / ref["fwhm_guess"] - 1.0) > 0.25:
-        # the first guess (flux / peak) was off: stamps and window follow the stars
+    if (not math.isfinite(psf) and math.isfinite(measured)
+            and abs(measured / ref["fwhm_guess"] - 1.0) > 0.25):  # fmt: skip
+        # the first guess (flux / peak) was off: stamps and window follow the stars (not
+        # when the width is known from the filter that found the stars: the moments
+        # of faint broad stars wander)
         ref = _refine(data, bad, det, np.arange(n_keep), rms, saturation, measured)
         refs = [ref]
-        usable = _usable_all(refs, rms, saturation)
+        usable = _usable_all(refs, min_peak, saturation)
     fw_guess = ref["fwhm_guess"]
     start = n_keep
     while np.count_nonzero(usable) < _N_FIT and start < n_stars and len(refs) < 5:
         more = np.arange(start, min(n_stars, start + 2 * _N_FIT))
         refs.append(_refine(data, bad, det, more, rms, saturation, fw_guess))
-        usable = _usable_all(refs, rms, saturation)
+        usable = _usable_all(refs, min_peak, saturation)
         start = more[-1] + 1
     allr = {k: np.concatenate([r[k] for r in refs]) for k in _PER_STAR}
     if saturation is None:
@@ -324,7 +387,7 @@ def measure(
     if np.count_nonzero(usable) < 5:
         # crowded, or every star is a long trail with maxima along it: shapes from the
         # stars that are at least unsaturated and bright beat no shapes at all
-        usable = ~allr["saturated"] & allr["inside"] & (allr["peak"] > 10.0 * rms)
+        usable = ~allr["saturated"] & allr["inside"] & (allr["peak"] > min_peak)
     with np.errstate(invalid="ignore"):  # cosmic rays and hot pixels: sharper than stars
         sharp = allr["fwhm"] < 0.5 * _clipped_median(allr["fwhm"][usable])
     usable &= ~sharp
@@ -352,6 +415,22 @@ def measure(
         good[fit] = np.isfinite(ffw) & np.isfinite(fel)
     fwhm_med = _clipped_median(fwhm_s[good])
     elong_med = float(np.median(elong_s[good])) if good.any() else NAN
+    if math.isfinite(psf):
+        # broad or faint stars, detected with a filter of their width: fits of single
+        # stars at a S/N of 10-30 widen and elongate them (a 5-parameter fit follows the
+        # noise), so the frame's shape is that of its mean star, stacked from the
+        # isolated unsaturated ones (windows of their width keep the centroids from
+        # locking onto noise, which would stack into a sharp spike)
+        cand = np.flatnonzero(
+            ~allr["saturated"] & allr["inside"] & allr["isolated"] & ~sharp
+        )[:_N_STACK]  # fmt: skip
+        if cand.size >= _RESCUE_GOOD:
+            sf, se = _stacked_shape(_gather(refs, "img", cand), _gather(refs, "use", cand),
+                                    allr["dx"][cand], allr["dy"][cand], psf)  # fmt: skip
+            if math.isfinite(sf) and math.isfinite(se):
+                fwhm_med, elong_med = sf, se
+                good[:] = False
+                good[cand] = True
 
     # the returned stars: the first batch, brightest first by aperture flux
     n1 = n_keep
@@ -407,13 +486,30 @@ _PER_STAR = (
 )
 
 
-def _usable(r: Mapping[str, np.ndarray], rms: float) -> np.ndarray:
+def _usable(r: Mapping[str, np.ndarray], min_peak: float) -> np.ndarray:
     """Stars whose shape can be trusted: unsaturated, isolated, inside the frame, and
-    bright (peak > 10 sigma)."""
-    return ~r["saturated"] & r["isolated"] & r["inside"] & (r["peak"] > 10.0 * rms)
+    bright (peak > ``min_peak``, see :func:`_min_peak`)."""
+    return ~r["saturated"] & r["isolated"] & r["inside"] & (r["peak"] > min_peak)
 
 
-def _usable_all(refs: list[dict[str, Any]], rms: float, saturation: float | None) -> np.ndarray:
+def _min_peak(rms: float, fwhm: float) -> float:
+    """The peak (image units) of a star bright enough for its shape to be measured: an
+    optimal S/N of ``_SHAPE_SNR``. A Gaussian star of peak ``A`` and width ``sigma`` has
+    ``S/N = A / rms * sigma * sqrt(pi)``: 10 sigma at 2.7 px FWHM, 3.4 sigma at 8 px.
+    Never above 10 sigma (sharp stars keep the historical cut), never below 3."""
+    if not math.isfinite(fwhm) or fwhm <= 0:
+        return 10.0 * rms
+    snr_per_peak = fwhm / 2.3548 * math.sqrt(math.pi)
+    return rms * float(np.clip(_SHAPE_SNR / snr_per_peak, 3.0, 10.0))
+
+
+def _guess(psf: float) -> float | None:
+    """A first FWHM for the stamps and windows of :func:`_refine` (None: its own)."""
+    return float(np.clip(psf, 1.0, 30.0)) if math.isfinite(psf) else None
+
+
+def _usable_all(refs: list[dict[str, Any]], min_peak: float,
+                saturation: float | None) -> np.ndarray:
     """:func:`_usable` over all batches, after the clipping ceiling of :func:`_ceiling`."""
     r = {
         k: np.concatenate([b[k] for b in refs])
@@ -421,7 +517,7 @@ def _usable_all(refs: list[dict[str, Any]], rms: float, saturation: float | None
     }
     if saturation is None:
         _ceiling(r)
-    return _usable(r, rms)
+    return _usable(r, min_peak)
 
 
 def _ceiling(r: dict[str, np.ndarray]) -> None:
@@ -457,35 +553,35 @@ def _nothing(
     return Measurement(background, rms, 0, NAN, NAN, Stars.empty(), 0, 0, pixel_scale, binning)
 
 
-def _bin2(data: np.ndarray) -> np.ndarray:
-    """2x2 mean (an odd last row or column is dropped); OpenCV's area resampling is
-    exactly that, and three times faster than numpy's strided sums."""
-    h, w = data.shape[0] // 2, data.shape[1] // 2
-    return cv2.resize(data[: 2 * h, : 2 * w], (w, h), interpolation=cv2.INTER_AREA)
+def _bin(data: np.ndarray, factor: int) -> np.ndarray:
+    """``factor`` x ``factor`` mean (1: the image itself; an odd last row or column is
+    dropped); OpenCV's area resampling is exactly that, and three times faster than
+    numpy's strided sums."""
+    if factor == 1:
+        return data
+    h, w = data.shape[0] // factor, data.shape[1] // factor
+    return cv2.resize(data[: factor * h, : factor * w], (w, h), interpolation=cv2.INTER_AREA)
 
 
-def _bin2_mask(bad: np.ndarray) -> np.ndarray:
-    """A binned pixel is bad when any of its four is."""
-    h, w = bad.shape[0] // 2 * 2, bad.shape[1] // 2 * 2
-    b = bad[:h, :w]
-    return b[0::2, 0::2] | b[1::2, 0::2] | b[0::2, 1::2] | b[1::2, 1::2]
+def _bin_mask(bad: np.ndarray, factor: int) -> np.ndarray:
+    """A binned pixel is bad when any of its pixels is."""
+    if factor == 1:
+        return bad
+    h, w = bad.shape[0] // factor, bad.shape[1] // factor
+    b = bad[: factor * h, : factor * w]
+    out = b[0::factor, 0::factor].copy()
+    for i in range(factor):  # strided ORs: several times faster than any(axis=...)
+        for j in range(factor):
+            if i or j:
+                out |= b[i::factor, j::factor]
+    return out
 
 
-def _detect(
-    data: np.ndarray, small: np.ndarray, bad: np.ndarray | None, detect_sigma: float, binning: int
-) -> dict[str, Any] | None:
-    """Sky, noise and every source.
-
-    The sky comes from sep's mesh estimator run on a 1-in-(2 x binning) subsample of the
-    full-resolution pixels (a sixteenth of a 4k frame: the mesh is coarse anyway, and the
-    subsample keeps the per-pixel noise, which a binned pixel would halve); its maps are
-    resized to the detection image. Detection: a matched filter, a threshold and one
-    connected-components pass (merged stars count once, as without deblending). Each
-    source is seeded at its brightest filtered pixel, not at the centroid of its
-    footprint, which for two merged stars lies between them. Sources come sorted by
-    isophotal flux, brightest first; positions are full-resolution pixels.
-    """
-    det_bad = None if bad is None else (_bin2_mask(bad) if binning == 2 else bad)
+def _background(data: np.ndarray, bad: np.ndarray | None, binning: int) -> dict[str, Any] | None:
+    """sep's mesh sky on a 1-in-(2 x binning) subsample of the full-resolution pixels (a
+    sixteenth of a 4k frame: the mesh is coarse anyway, and the subsample keeps the
+    per-pixel noise, which a binned pixel would halve); None when there is no sky to
+    speak of (a constant image)."""
     step = 2 * binning
     samp = np.array(data[::step, ::step], dtype=F32, order="C")
     samp_bad = None if bad is None else np.ascontiguousarray(bad[::step, ::step])
@@ -496,16 +592,53 @@ def _detect(
         return None
     if not bkg.globalrms > 0:
         return None
+    return {"samp": samp, "samp_bad": samp_bad, "step": step,
+            "back": bkg.back(dtype=F32), "rms": bkg.rms(dtype=F32)}  # fmt: skip
+
+
+def _kernel(fwhm: float | None) -> tuple[np.ndarray | None, float]:
+    """The detection filter and its noise gain ``sqrt(sum k^2)``: SExtractor's 3x3
+    pyramid, or (``fwhm`` given) a normalised separable Gaussian of that FWHM."""
+    if fwhm is None:
+        return None, float(np.sqrt((_KERNEL.astype(np.float64) ** 2).sum()))
+    sigma = fwhm / 2.3548
+    r = max(1, int(math.ceil(2.5 * sigma)))
+    g = cv2.getGaussianKernel(2 * r + 1, sigma, ktype=cv2.CV_32F)
+    return g, float((g.astype(np.float64) ** 2).sum())  # sum of the 2-D k^2 = (sum g^2)^2
+
+
+def _detect(
+    small: np.ndarray,
+    bad: np.ndarray | None,
+    sky: Mapping[str, Any],
+    detect_sigma: float,
+    binning: int,
+    kernel_fwhm: float | None = None,
+) -> dict[str, Any]:
+    """Sky level, noise and every source of the detection image ``small`` (the frame
+    binned by ``binning``).
+
+    The mesh maps of :func:`_background` are resized to the detection image. Detection:
+    a matched filter (the 3x3 pyramid, or a Gaussian of ``kernel_fwhm`` detection px),
+    a threshold and one connected-components pass (merged stars count once, as without
+    deblending). Each source is seeded at its brightest filtered pixel, not at the
+    centroid of its footprint, which for two merged stars lies between them. Sources
+    come sorted by isophotal flux, brightest first; positions are full-resolution pixels.
+    """
+    det_bad = None if bad is None else _bin_mask(bad, binning)
     size = (small.shape[1], small.shape[0])
-    back = cv2.resize(bkg.back(dtype=F32), size, interpolation=cv2.INTER_LINEAR)
-    rms_map = cv2.resize(bkg.rms(dtype=F32), size, interpolation=cv2.INTER_LINEAR)
-    if binning == 2:
-        rms_map *= F32(0.5)  # a 2x2 mean of independent pixels
+    back = cv2.resize(sky["back"], size, interpolation=cv2.INTER_LINEAR)
+    rms_map = cv2.resize(sky["rms"], size, interpolation=cv2.INTER_LINEAR)
+    if binning > 1:
+        rms_map *= F32(1.0 / binning)  # a mean of binning^2 independent pixels
     sub = small - back
     if det_bad is not None:
         sub[det_bad] = 0.0
-    filt = cv2.filter2D(sub, -1, _KERNEL, borderType=cv2.BORDER_REPLICATE)
-    knorm = float(np.sqrt((_KERNEL.astype(np.float64) ** 2).sum()))
+    k1, knorm = _kernel(kernel_fwhm)
+    if k1 is None:
+        filt = cv2.filter2D(sub, -1, _KERNEL, borderType=cv2.BORDER_REPLICATE)
+    else:
+        filt = cv2.sepFilter2D(sub, -1, k1, k1, borderType=cv2.BORDER_REPLICATE)
     thresh = rms_map
     thresh *= F32(detect_sigma * knorm)
     above = filt > thresh
@@ -514,7 +647,7 @@ def _detect(
     n_lab, labels = cv2.connectedComponentsWithAlgorithm(
         above.view(np.uint8), 8, cv2.CV_32S, cv2.CCL_SPAGHETTI
     )
-    background, rms = _sky(samp, samp_bad, above)
+    background, rms = _sky(sky["samp"], sky["samp_bad"], above, sky["step"], binning)
 
     # isophotal flux and area per component, and its peaks (local maxima of the filter)
     idx = np.flatnonzero(above)
@@ -544,23 +677,34 @@ def _detect(
         "background": background,
         "rms": rms,
         "binning": binning,
+        "kernel_fwhm": 2.0 if kernel_fwhm is None else kernel_fwhm,
+        "n": len(order),
         "x": px * binning + half,
         "y": py * binning + half,
         "sky": back[py, px].astype(np.float64),
         "flux": iso[order] * binning * binning,
         "peak_f": main_val[order],
+        # filtered peak over the filtered noise: the significance of each source
+        "snr": main_val[order] / (thresh[py, px] / detect_sigma),
         "peaks": (qx * binning + half, qy * binning + half, pval[sig]),
     }
 
 
-def _sky(samp: np.ndarray, samp_bad: np.ndarray | None, above: np.ndarray) -> tuple[float, float]:
+def _sky(
+    samp: np.ndarray, samp_bad: np.ndarray | None, above: np.ndarray, step: int, binning: int
+) -> tuple[float, float]:
     """Sky level and noise per full-resolution pixel, away from every source.
 
     sep's estimator again on the subsample, with the detections (grown by 2 subsample
     px) masked: the first pass saw the wings of stars and of the galaxy, and read 1-4 %
-    high in a dark filter.
+    high in a dark filter. The subsample takes every ``step``-th pixel, the detection
+    image bins by ``binning``.
     """
-    objs = above[::2, ::2]  # detection pixel 2i is subsample pixel i
+    if step >= binning:
+        objs = above[:: step // binning, :: step // binning]
+    else:
+        f = binning // step
+        objs = np.repeat(np.repeat(above, f, axis=0), f, axis=1)
     h, w = min(objs.shape[0], samp.shape[0]), min(objs.shape[1], samp.shape[1])
     objs = np.ascontiguousarray(objs[:h, :w])
     samp = np.ascontiguousarray(samp[:h, :w])  # odd frame sizes differ by one
@@ -875,6 +1019,82 @@ def _fit_moffat(
     return np.where(ok, fwhm, NAN), np.where(ok, elong, NAN)
 
 
+def _stacked_shape(
+    img: np.ndarray, use: np.ndarray, dx: np.ndarray, dy: np.ndarray, fw_guess: float
+) -> tuple[float, float]:
+    """FWHM and elongation of the median of faint stars' stamps (sky-subtracted,
+    normalised by their flux, centred on the nearest pixel to each windowed centroid),
+    from its adaptive windowed second moments.
+
+    Each stamp's own border median is taken off first (stars on a nebula or a cluster's
+    glow sit on a pedestal the mesh sky does not follow). Centring to the nearest pixel
+    widens the stack by a uniform +-0.5 px (variance 1/12 px^2 per axis), taken out of
+    the result with the pixel response, as for the fits of single stars.
+    """
+    n, s, _ = img.shape
+    r = (s - 1) // 2
+    ox, oy = np.rint(dx).astype(np.int64), np.rint(dy).astype(np.int64)
+    rr = min(r - int(max(np.abs(ox).max(), np.abs(oy).max())), int(math.ceil(1.5 * fw_guess + 2)))
+    if rr < 3:
+        return NAN, NAN
+    o = np.arange(-rr, rr + 1)
+    k = np.arange(n)[:, None, None]
+    rows, cols = (r + oy)[:, None, None] + o[None, :, None], (r + ox)[:, None, None] + o
+    sub, ok = img[k, rows, cols], use[k, rows, cols]
+    border = np.zeros(sub.shape[1:], dtype=bool)
+    border[[0, -1], :] = border[:, [0, -1]] = True
+    ped = np.array([np.median(v[u & border]) if (u & border).any() else 0.0
+                    for v, u in zip(sub, ok, strict=True)])  # fmt: skip
+    sub = np.where(ok, sub - ped[:, None, None], np.nan)
+    # each star normalised by its flux, then the median: neighbours, cosmic rays and hot
+    # pixels fall at random places and do not survive it
+    circ = (o[:, None] ** 2 + o[None, :] ** 2) <= rr * rr
+    flux = np.nansum(np.where(circ, sub, 0.0), axis=(1, 2))
+    keep = flux > 0
+    if np.count_nonzero(keep) < 3:
+        return NAN, NAN
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        stack = np.nanmedian(sub[keep] / flux[keep, None, None], axis=0)
+    if not np.isfinite(stack).all():
+        return NAN, NAN
+    dx, dy, ox, oy = dx[keep], dy[keep], ox[keep], oy[keep]
+    # adaptive Gaussian-windowed moments (window matched to the star, unwindowed
+    # exactly for a Gaussian): robust for any profile, a flat-topped or donut-like
+    # defocused star included, where a Moffat fit trades width for ellipticity
+    g = o.astype(np.float64)
+    pos = np.clip(stack, 0.0, None)
+    x0, y0 = float(np.mean(dx - ox)), float(np.mean(dy - oy))
+    sw2 = (max(fw_guess, 1.0) / 2.3548) ** 2
+    cov = None
+    for _ in range(12):
+        w = pos * np.exp(-0.5 * ((g[None, :] - x0) ** 2 + (g[:, None] - y0) ** 2) / sw2)
+        tot = w.sum()
+        if not tot > 0:
+            return NAN, NAN
+        x0, y0 = float((w * g[None, :]).sum() / tot), float((w * g[:, None]).sum() / tot)
+        ddx, ddy = g[None, :] - x0, g[:, None] - y0
+        mom = np.array([[(w * ddx * ddx).sum(), (w * ddx * ddy).sum()],
+                        [(w * ddx * ddy).sum(), (w * ddy * ddy).sum()]]) / tot  # fmt: skip
+        try:
+            inv = np.linalg.inv(mom) - np.eye(2) / sw2
+            cov = np.linalg.inv(inv)
+        except np.linalg.LinAlgError:
+            return NAN, NAN
+        lam = np.linalg.eigvalsh(cov)
+        if not (lam > 0).all() or abs(x0) > rr / 2 or abs(y0) > rr / 2:
+            return NAN, NAN
+        new = float(np.sqrt(lam[0] * lam[1]))
+        if abs(new / sw2 - 1.0) < 0.01:
+            break
+        sw2 = new
+    # the pixel box and the +-0.5 px centring: 1/12 px^2 each, per axis
+    lam = np.linalg.eigvalsh(cov - np.eye(2) * (2.0 / 12.0))
+    if not (lam > 0).all():
+        return NAN, NAN
+    return 2.3548 * float((lam[0] * lam[1]) ** 0.25), float(math.sqrt(lam[1] / lam[0]))
+
+
 def _aperture_flux(
     data: np.ndarray,
     holes: np.ndarray | None,
@@ -926,7 +1146,8 @@ def transparency(
         Robust median of ``flux / (ref_flux * exptime_ratio)`` over the well-measured
         stars: the brightest half of the reference's (noise on faint stars would widen the
         spread), after dropping the very brightest tenth (near saturation) when there are
-        many, with a 3-sigma (MAD) clip. NaN when there are too few.
+        many, with a 3-sigma (MAD) clip. NaN when there are too few, or when the ratios
+        scatter by more than half their median (fluxes dominated by noise).
     """
     ref = np.asarray(ref_flux, dtype=np.float64).ravel()
     f = np.asarray(flux, dtype=np.float64).ravel()
@@ -950,7 +1171,16 @@ def transparency(
         if keep.all() or keep.sum() < min_stars:
             break
         ratio = ratio[keep]
-    return float(np.median(ratio))
+    med = float(np.median(ratio))
+    spread = 1.4826 * float(np.median(np.abs(ratio - med)))
+    if not med > 0 or spread > _MAX_TRANSPARENCY_SPREAD * med:
+        return NAN  # the stars' fluxes are noise (faint stars on a glow): not measurable
+    return med
+
+
+_MAX_TRANSPARENCY_SPREAD = 0.5
+"""Star-to-star scatter of the flux ratios (relative) beyond which a transparency is not
+a measurement: a cloud dims every star alike (scatter of a few per cent), noise does not."""
 
 
 # --------------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ _REFINE_RADII = (4.0, 2.5, 1.5)  # px: match radius of the successive refinement
 _FINAL_RADIUS = (1.0, 2.5)
 _LOCAL_RADIUS = 40.0  # px: neighbourhood for the local density of reference stars
 _FALSE_MATCH = 1e-10  # largest accepted Poisson probability of the matches being chance
-_DENSE_BAD = 0.02  # above this fraction of bad pixels, fill and weight with whole-image passes
+_DENSE_BAD = 0.02  # above this fraction of bad pixels, fill with whole-image passes
+_DENSE_WEIGHT = 0.002  # ... and above this one, weight with a warp of the bad-pixel mask
 
 
 class StarList(Protocol):
@@ -476,6 +477,7 @@ def warp(
     *,
     kernel: str = "cubic",
     mask: ArrayLike | None = None,
+    repaired: bool = False,
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """Resample a frame onto the grid.
 
@@ -496,7 +498,11 @@ def warp(
         True where a pixel is bad (saturated, hot, cosmic ray). Bad and non-finite pixels
         are filled from their good neighbours before the kernel sees them (a cubic kernel
         rings next to a hole or a cliff); the weight is what a bilinear warp of the
-        good-pixel mask gives, computed around the bad pixels only.
+        good-pixel mask gives (computed around the bad pixels only when they are few).
+    repaired
+        The masked pixels already hold values repaired from their neighbours
+        (:func:`observd.reduce.calibrate` does that): they are not filled again, which
+        saves a copy of the frame. Non-finite pixels are still filled.
 
     Returns
     -------
@@ -512,15 +518,21 @@ def warp(
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 2:
         raise ValueError(f"image must be 2-D, not {img.shape}")
-    bad = ~np.isfinite(img)
+    # one sum (~5 ms at 4096 px) tells whether a pass of isfinite is needed at all
+    holes = None if np.isfinite(img.sum(dtype=np.float64)) else ~np.isfinite(img)
+    bad = holes
     if mask is not None:
         m = np.asarray(mask, dtype=bool)
         if m.shape != img.shape:
             raise ValueError(f"mask shape {m.shape} differs from image shape {img.shape}")
-        bad |= m
-    bad_y, bad_x = np.divmod(np.flatnonzero(bad), img.shape[1])  # 15x faster than nonzero
-    if bad_y.size:
-        img = _fill_bad(img, bad, bad_y, bad_x)
+        bad = m if bad is None else bad | m
+    flat_bad = np.zeros(0, np.intp) if bad is None else np.flatnonzero(bad)
+    if flat_bad.size:
+        fill = bad if not repaired else holes
+        if fill is not None:
+            fy, fx = np.divmod(np.flatnonzero(fill), img.shape[1])  # 15x faster than nonzero
+            if fy.size:
+                img = _fill_bad(img, fill.copy() if fill is bad else fill, fy, fx)
     ny, nx = grid.shape
     out = np.empty((ny, nx), dtype=np.float32)
     weight = np.zeros((ny, nx), dtype=np.float32)
@@ -535,25 +547,29 @@ def warp(
     m[1, 2] -= y0
     roi = out[y0:y1, x0:x1]
     wroi = weight[y0:y1, x0:x1]
+    size = (x1 - x0, y1 - y0)
     # only the footprint's bounding box is resampled: the padding costs nothing
-    cv2.warpAffine(img, m, (x1 - x0, y1 - y0), dst=roi, flags=_KERNELS[kernel],
+    cv2.warpAffine(img, m, size, dst=roi, flags=_KERNELS[kernel],
                    borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
-    wroi[...] = np.isfinite(roi)
-    if bad_y.size:
-        if bad_y.size > _DENSE_BAD * bad.size:
-            wroi -= cv2.warpAffine(bad.astype(np.float32), m, (x1 - x0, y1 - y0),
-                                   flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                                   borderValue=0.0)
-            np.clip(wroi, 0.0, 1.0, out=wroi)
-            empty = wroi <= 1e-3
-            wroi[empty] = 0.0
-            roi[empty] = np.nan
-        else:
-            py, px, lost = _splat_bad(bad_x, bad_y, m, wroi.shape)
-            w = np.clip(wroi[py, px] - lost.astype(np.float32), 0.0, 1.0)
-            w[w <= 1e-3] = 0.0
-            wroi[py, px] = w
-            roi[py[w == 0], px[w == 0]] = np.nan
+    np.isfinite(roi, out=wroi, casting="unsafe")
+    if flat_bad.size > _DENSE_WEIGHT * img.size:
+        # many bad pixels: the bilinear warp of the bad-pixel mask, one OpenCV pass
+        # (splatting them one by one would cost more than the whole warp)
+        lost = cv2.warpAffine(bad.view(np.uint8).astype(np.float32), m, size,
+                              flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=0.0)  # fmt: skip
+        wroi -= lost
+        np.clip(wroi, 0.0, 1.0, out=wroi)
+        empty = wroi <= 1e-3
+        wroi[empty] = 0.0
+        roi[empty] = np.nan
+    elif flat_bad.size:
+        bad_y, bad_x = np.divmod(flat_bad, img.shape[1])
+        py, px, lost = _splat_bad(bad_x, bad_y, m, wroi.shape)
+        w = np.clip(wroi[py, px] - lost.astype(np.float32), 0.0, 1.0)
+        w[w <= 1e-3] = 0.0
+        wroi[py, px] = w
+        roi[py[w == 0], px[w == 0]] = np.nan
     det = abs(float(np.linalg.det(alignment.matrix[:, :2])))
     if abs(det - 1.0) > 1e-3:  # other pixel area: keep the flux per star (not for one camera)
         roi *= np.float32(1.0 / det)

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from observd.catalog import Catalog
 from observd.cli import main
+from observd.config import load_config
+from observd.ingest import find_frame_files, in_time_order
+from observd.pipeline import Pipeline
 from tests.conftest import write_config
 
 ZWO = "zwo_asi120mc_calib/Optical/data"
@@ -169,3 +173,42 @@ def test_zwo_calibration_set_builds_masters_and_measures_the_camera(real_night):
     flats = cat.frames("type = 'flat' and setup = ?", [setup])
     banded = [f for f in flats if "horizontal banding" in (f["reason"] or "")]
     assert len(banded) >= 3
+
+
+def test_m13_night_is_accepted_aligned_and_stacked(tmp_path):
+    """The five 5-s MaxIm frames of M 13 (faint, broad stars on a cluster's glow, drifting
+    ~12 px a frame along x) go through the real pipeline: each is measured (found with a
+    filter of the stars' width), accepted, aligned on the first frame's grid and stacked."""
+    from tests.conftest import SHARED_DATA
+
+    folder = SHARED_DATA / "maximdl_m13_astropy_tutorial"
+    if not folder.is_dir():
+        pytest.skip(f"real frames not found at {folder}")
+    config = load_config(write_config(tmp_path, incoming=str(folder), timezone="UTC"))
+    with Catalog(config.paths.catalog) as catalog:
+        pipeline = Pipeline(config, catalog)
+        for path in in_time_order(find_frame_files(config.paths.incoming, config), config):
+            pipeline.process(path)
+        pipeline.finish()
+        lights = sorted(catalog.lights(), key=lambda row: row["date_obs"])
+        frames = catalog.frames("type = 'light'")
+        coadds = list(catalog.db["coadds"].rows)
+    assert len(lights) == 5
+    print("\nM 13 through the pipeline: offset (px), matched stars, fit rms (px), FWHM (px)")
+    for row in lights:
+        print(f"  {Path(row['path']).name}: {row['verdict']} {row['reason'] or ''} "
+              f"({row['dx'] or 0:+.2f}, {row['dy'] or 0:+.2f}) {row['n_matches']} stars, "
+              f"rms {row['align_rms'] or 0:.2f}, FWHM {row['fwhm']:.1f}, "
+              f"elongation {row['elongation']:.2f}, {row['n_stars']} sources")
+    assert all(row["verdict"] == "accepted" for row in lights), [r["reason"] for r in lights]
+    assert {f["status"] for f in frames} == {"stacked"}
+    # the stars are broad and round (FWHM 8-14 px as measured on the mean star), not lost
+    assert all(7 < row["fwhm"] < 16 and row["elongation"] < 1.25 for row in lights)
+    assert lights[0]["align_method"] == "reference"
+    assert all(row["align_method"] == "stars" and row["n_matches"] >= 8 for row in lights[1:])
+    # faint stars: ~1-2 px per star, so the fit of >= 8 stars to a few tenths of a pixel
+    assert all(row["align_rms"] < 2.0 for row in lights[1:])
+    dx = np.array([row["dx"] for row in lights])
+    assert np.all(np.diff(dx) > 7) and np.all(np.diff(dx) < 15)  # the drift along x
+    (coadd,) = coadds
+    assert coadd["n_frames"] == 5 and Path(coadd["fits"]).is_file()
