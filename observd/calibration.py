@@ -128,6 +128,25 @@ class Calibrations:
         self._stale_rates: set[tuple[str, str]] = set()
         self._stale_bias_health: set[str] = set()  # bias keys whose health is not measured
         self._cache: dict[tuple[int, str | int], np.ndarray] = {}  # master pixels, LRU
+        self._stale_rates |= self._rates_behind_their_darks()
+
+    def _rates_behind_their_darks(self) -> set[tuple[str, str]]:
+        """After a crash: (night, setup) whose darks or bias changed after its dark-rate
+        map was last fitted (the in-memory note was lost), so the hot-pixel map the lights
+        get is the one an uninterrupted run would have given them."""
+        newest: dict[tuple[str, str], int] = {}  # the newest input of each rate map
+        fitted: dict[tuple[str, str], int] = {}
+        for m in self.catalog.masters("kind in ('dark', 'darkrate') and status = 'current'"):
+            key = (m["night"], m["setup"])
+            if m["kind"] == "darkrate":
+                fitted[key] = m["id"]
+            else:
+                newest[key] = max(newest.get(key, 0), m["id"])
+        for m in self.catalog.masters("kind = 'bias' and status = 'current'"):
+            key = (m["night"], m["setup"])
+            if key in newest:  # a bias alone needs no rate map
+                newest[key] = max(newest[key], m["id"])
+        return {key for key, mid in newest.items() if fitted.get(key, 0) < mid}
 
     def flush(self) -> list[int]:
         """Bring derived products up to date (dark-rate maps, bias health).
