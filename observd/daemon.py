@@ -109,6 +109,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._finish_now = threading.Event()
+        self._finish_requested = 0.0
         self._stop_after_finish = False
         self.catalog: Catalog | None = None
         self.pipeline: Pipeline | None = None
@@ -149,6 +150,7 @@ class Daemon:
         """End the night as soon as the queue is empty: waiting lights processed with what
         exists, provisional frames stacked, superseded stacks rebuilt, summary written."""
         self._stop_after_finish = self._stop_after_finish or then_stop
+        self._finish_requested = time.monotonic()
         self._finish_now.set()
 
     def install_signal_handlers(self) -> None:
@@ -274,7 +276,11 @@ class Daemon:
         ):
             self._last_calibration = None
             self._guard("rebuild", self.pipeline.rebuild_stale, self._heartbeat)
-        if self._finish_now.is_set() and self._watcher_quiet():
+        # wait for the files still settling, but not for one that never stops growing
+        patience = 2.0 * self.config.watch.incomplete_seconds
+        if self._finish_now.is_set() and (
+            self._watcher_quiet() or now - self._finish_requested > patience
+        ):
             self._finish_now.clear()
             self._finish("asked")
             if self._stop_after_finish:
