@@ -430,6 +430,10 @@ class Daemon:
         self.catalog = Catalog(config.paths.catalog)
         self.pipeline = Pipeline(config, self.catalog)
         self._last_calibration = time.monotonic()  # a crash may have left stale stacks
+        latest = self._current_night()
+        if latest is not None:  # a crash may also have left the night unfinished
+            self._nights.add(latest)
+            self._unfinished = True
         self._start_watcher()
         if self._serve_web if self._serve_web is not None else config.daemon.serve_web:
             self._start_web()

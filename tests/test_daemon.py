@@ -543,3 +543,25 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path):
     assert line, security.stdout + security.stderr
     exposure = float(line[0].split(":")[-1].split()[0])
     assert exposure <= 2.5, line[0]
+
+
+@pytest.mark.timeout(180)
+def test_a_restart_after_the_night_still_ends_it_and_writes_the_summary(tmp_path):
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    config = write_config(tmp_path, extra=FAST)
+    (camera / "b0.fits").write_bytes(bias_bytes(0))
+    daemon = DaemonProcess(config)
+    daemon.wait_running()
+    daemon.wait_idle(1)
+    daemon.kill()  # before the night was ended: no summary yet
+    summary = tmp_path / "products" / "summary" / "2026-03-13" / "index.html"
+    assert not summary.exists()
+    # back after dawn, no new frame: the quiet time alone ends the night
+    config.write_text(config.read_text().replace("finish_quiet_seconds = 3600.0",
+                                                 "finish_quiet_seconds = 1.0"))  # fmt: skip
+    daemon = DaemonProcess(config)
+    daemon.wait_running()
+    wait_until(lambda: (daemon.state() or {}).get("nights_finished", 0) >= 1, 60, "the finish")
+    assert daemon.stop() == 0
+    assert summary.exists()
