@@ -20,7 +20,13 @@ from observd.config import Config, ConfigError, find_config_file, load_config, t
 from observd.ingest import find_frame_files, in_time_order
 from observd.logs import setup_logging
 from observd.pipeline import Pipeline
-from observd.status import camera_data, format_camera, format_status, status_data
+from observd.status import (
+    camera_data,
+    format_camera,
+    format_status,
+    read_daemon_state,
+    status_data,
+)
 
 __all__ = ["main"]
 
@@ -229,9 +235,7 @@ def _report(args: argparse.Namespace, collect, render) -> int:
     with catalog:
         data = collect(catalog, args.night)
     if collect is status_data:
-        from observd.daemon import read_state
-
-        data["daemon"] = read_state(config.paths.products)
+        data["daemon"] = read_daemon_state(config.paths.products)
     if args.json:
         json.dump(data, sys.stdout, indent=1, default=str)
         print()
@@ -391,14 +395,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo_progress(config: Config, daemon, writer, t0: float) -> None:
     """A line every few seconds while the demo night runs (its own catalog connection)."""
-    from observd.daemon import read_state
-
     if daemon.web is not None:
         print(f"  dome page: {daemon.web.url}  (open it now to watch the night)")
     while writer.is_alive() or daemon.state_name == "running":
         time.sleep(5.0)
-        state = read_state(config.paths.products)
-        if not state or state["state"] != "running":
+        state = read_daemon_state(config.paths.products)
+        if state.get("state") != "running":
             continue
         event = state.get("last_event") or {}
         name = Path(event.get("path", "")).name

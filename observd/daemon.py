@@ -34,12 +34,10 @@ from observd.config import ConfigError, load_config
 from observd.ingest import in_time_order
 from observd.pipeline import Pipeline
 from observd.products import Products, atomic_write_bytes
+from observd.status import STATE_FILE
 from observd.watch import FrameWatcher, SettledFile
 
-__all__ = ["Daemon", "SystemdNotifier", "STATE_FILE", "read_state"]
-
-STATE_FILE = "daemon.json"
-"""Under ``Products.state_dir()``: what the daemon is doing, for its readers."""
+__all__ = ["Daemon", "SystemdNotifier"]
 
 
 class SystemdNotifier:
@@ -517,23 +515,6 @@ class Daemon:
         self._state = "stopped"
         self._write_state(force=True)
         logger.info("observd stopped after {} files", self._processed)
-
-
-def read_state(products: Path, *, stale_seconds: float = 15.0) -> dict[str, Any] | None:
-    """The daemon's last state file with ``alive`` added; None when there is none."""
-    path = Products(products).state_dir() / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    try:
-        updated = datetime.fromisoformat(state["updated"])
-        age = (datetime.now(updated.tzinfo) - updated).total_seconds()
-    except (KeyError, TypeError, ValueError):
-        age = float("inf")
-    state["alive"] = state.get("state") in ("running", "starting") and age <= stale_seconds
-    state["age_seconds"] = age
-    return state
 
 
 def _paths(paths: Any) -> str:

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from observd.catalog import SCHEMA_VERSION, Catalog
+from observd.products import Products
 
-__all__ = ["FRAME_KEYS", "camera_data", "format_camera", "format_status", "status_data"]
+__all__ = [
+    "DAEMON_STALE_SECONDS",
+    "FRAME_KEYS",
+    "STATE_FILE",
+    "camera_data",
+    "format_camera",
+    "format_status",
+    "read_daemon_state",
+    "status_data",
+]
+
+STATE_FILE = "daemon.json"
+"""Under ``Products.state_dir()``: what ``observd run`` is doing, for its readers."""
+
+DAEMON_STALE_SECONDS = 15.0
+"""A state file older than this means the daemon is gone (it rewrites it every 2 s)."""
 
 # The keys every entry of ``frames`` carries (a contract: scripts rely on them).
 FRAME_KEYS = (
@@ -66,10 +84,42 @@ def status_data(catalog: Catalog, night: str | None = None) -> dict[str, Any]:
     }
 
 
-def _daemon_line(state: dict[str, Any] | None) -> str:
-    """One line on the daemon, from its state file (see observd.daemon.read_state)."""
-    if state is None:
-        return "daemon  never ran with these products"
+def read_daemon_state(products: str | Path, now: datetime | None = None) -> dict[str, Any]:
+    """The daemon's state file with ``alive``, ``age_seconds`` and, when it is down,
+    ``reason`` ("no state file", "state unreadable: ...", "stopped", "state file stale").
+
+    Down when the file is missing or unreadable, says ``stopped``, or was last updated
+    more than :data:`DAEMON_STALE_SECONDS` ago; the dome page, ``observd status`` and the
+    summary all read it here.
+    """
+    path = Products(products).state_dir() / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        return {"alive": False, "age_seconds": None, "reason": "no state file"}
+    except (OSError, ValueError) as exc:
+        return {"alive": False, "age_seconds": None, "reason": f"state unreadable: {exc}"}
+    try:
+        updated = datetime.fromisoformat(str(state.get("updated")))
+        if updated.tzinfo is None:
+            updated = updated.replace(tzinfo=UTC)
+        age: float | None = round(((now or datetime.now(UTC)) - updated).total_seconds(), 1)
+    except ValueError:
+        age = None
+    reason = (
+        "stopped" if state.get("state") == "stopped"
+        else "state file stale" if age is None or age > DAEMON_STALE_SECONDS
+        else None
+    )  # fmt: skip
+    return {**state, "alive": reason is None, "age_seconds": age, "reason": reason}
+
+
+def _daemon_line(state: dict[str, Any]) -> str:
+    """One line on the daemon, from :func:`read_daemon_state`."""
+    if "state" not in state:
+        return f"daemon  never ran with these products ({state['reason']})"
     if not state["alive"]:
         return f"daemon  not running (last seen {state['updated'][:19]} UTC, {state['state']})"
     event = state.get("last_event") or {}

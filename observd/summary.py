@@ -35,6 +35,7 @@ from observd.catalog import Catalog
 from observd.config import Config
 from observd.headers import slugify
 from observd.products import Products, atomic_write_bytes
+from observd.status import read_daemon_state
 from observd.twilight import twilight
 
 __all__ = [
@@ -767,7 +768,7 @@ def _disk(config: Config) -> list[dict[str, Any]]:
             "used_fraction": 1.0 - usage.free / usage.total if usage.total else None,
         })  # fmt: skip
     # what the daemon saw (the camera share may be mounted only on its side)
-    state = _read_json(Products(config.paths.products).state_dir() / "daemon.json") or {}
+    state = read_daemon_state(config.paths.products)
     shown = {d["path"] for d in out}
     for path, free in (state.get("disk_free") or {}).items():
         if path not in shown and isinstance(free, int | float):

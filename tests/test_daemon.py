@@ -27,8 +27,9 @@ import pytest
 from astropy.io import fits
 
 from observd.catalog import Catalog
-from observd.daemon import SystemdNotifier, read_state
+from observd.daemon import SystemdNotifier
 from observd.simulate import CameraModel, NightPlan, simulate_night
+from observd.status import read_daemon_state
 from tests.conftest import REPO, write_config
 
 FAST = (
@@ -68,8 +69,8 @@ class DaemonProcess:
             )
 
     def state(self) -> dict | None:
-        state = read_state(self.products)
-        return state if state and state["pid"] == self.proc.pid else None
+        state = read_daemon_state(self.products)
+        return state if state.get("pid") == self.proc.pid else None
 
     def wait_running(self, timeout: float = 60.0) -> dict:
         def running():
@@ -204,7 +205,7 @@ def test_chunked_files_are_processed_once_and_never_half_read(tmp_path, mode):
         assert row["size"] == (camera / name).stat().st_size
     events = ingest_events(config)
     assert sorted(events.values()) == [1] * len(rows), events  # each exactly once
-    state = read_state(tmp_path / "products")
+    state = read_daemon_state(tmp_path / "products")
     assert state["state"] == "stopped" and not state["alive"]
 
 

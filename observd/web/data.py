@@ -12,7 +12,7 @@ import os
 import re
 import threading
 from collections import Counter
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,9 @@ from astropy.io import fits
 
 from observd.catalog import Catalog
 from observd.products import Products
-from observd.status import FRAME_KEYS
+from observd.status import FRAME_KEYS, STATE_FILE, read_daemon_state
 
 __all__ = [
-    "DAEMON_STALE_SECONDS",
     "QUALITY_KEYS",
     "daemon_health",
     "frames_data",
@@ -36,7 +35,6 @@ __all__ = [
 ]
 
 #: The daemon counts as down when its state file is older than this (HELPERS contract).
-DAEMON_STALE_SECONDS = 15.0
 
 #: Per-light quality numbers (``lights`` table) added to each frame of ``/api/frames``.
 QUALITY_KEYS = (
@@ -91,34 +89,14 @@ def product_url(root: Path, path: str | os.PathLike[str] | None) -> str | None:
 
 
 def daemon_health(products: Products, now: datetime | None = None) -> dict[str, Any]:
-    """The daemon's state file, with ``up`` and a plain reason when it is down.
-
-    Down when the file is missing or unreadable, says ``stopped``, or was last updated
-    more than :data:`DAEMON_STALE_SECONDS` ago.
-    """
-    path = products.state_dir() / "daemon.json"
-    now = now or datetime.now(UTC)
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(state, dict):
-            raise ValueError("not a JSON object")
-    except FileNotFoundError:
-        return {"up": False, "reason": "daemon not running (no state file)"}
-    except (OSError, ValueError) as exc:
-        return {"up": False, "reason": f"daemon state unreadable: {exc}"}
-    out: dict[str, Any] = {"up": True, "reason": None, **state}
-    try:
-        updated = datetime.fromisoformat(str(state.get("updated")))
-        if updated.tzinfo is None:
-            updated = updated.replace(tzinfo=UTC)
-        age = (now - updated).total_seconds()
-    except ValueError:
-        age = float("inf")
-    out["age_seconds"] = None if age == float("inf") else round(age, 1)
-    if state.get("state") == "stopped":
-        out.update(up=False, reason="daemon not running (stopped)")
-    elif age > DAEMON_STALE_SECONDS:
-        out.update(up=False, reason="daemon not running (state file stale)")
+    """The daemon's state (:func:`observd.status.read_daemon_state`) as the page shows
+    it: ``up``, a plain reason when it is down, and the watcher's mode."""
+    state = read_daemon_state(products.root, now)
+    reason = None if state["alive"] else (
+        f"daemon {state['reason']}" if state["reason"].startswith("state unreadable")
+        else f"daemon not running ({state['reason']})"
+    )  # fmt: skip
+    out: dict[str, Any] = {**state, "up": state["alive"], "reason": reason}
     watcher = state.get("watcher") or {}
     modes = sorted({str(r.get("mode")) for r in watcher.get("roots", []) if r.get("mode")})
     out["watcher_mode"] = ", ".join(modes) or None
@@ -292,7 +270,7 @@ def signature(catalog_path: Path, products: Products, night: str | None) -> tupl
     Cheap enough to poll twice a second.
     """
     parts: list[Any] = []
-    for p in (catalog_path, Path(f"{catalog_path}-wal"), products.state_dir() / "daemon.json"):
+    for p in (catalog_path, Path(f"{catalog_path}-wal"), products.state_dir() / STATE_FILE):
         try:
             st = p.stat()
             parts.append((st.st_mtime_ns, st.st_size))
