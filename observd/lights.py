@@ -396,7 +396,7 @@ class LightStage:
         reference itself, or while there is none)."""
         if alignment.method == "reference":
             return 1.0
-        ref = (self.catalog.target(target_id)["filter_refs"] or {}).get(frame["filter"] or "")
+        ref = self._filter_ref(target_id, frame["filter"] or "")
         if ref is None:
             return 1.0
         ref_flux = np.array([np.nan if v is None else v for v in ref["flux"]])
@@ -428,7 +428,7 @@ class LightStage:
         if aligned is None:
             return
         target_id, filt = aligned.target_id, aligned.frame["filter"] or ""
-        ref = (self.catalog.target(target_id)["filter_refs"] or {}).get(filt)
+        ref = self._filter_ref(target_id, filt)
         is_reference = ref is not None and ref["frame_id"] == frame_id
         if verdict.accepted:
             self._confirm(aligned, None)
@@ -480,8 +480,13 @@ class LightStage:
 
     def _reference_held(self, target_id: int, filt: str) -> bool:
         """True while the filter's flux reference is a provisional frame."""
-        ref = (self.catalog.target(target_id)["filter_refs"] or {}).get(filt)
+        ref = self._filter_ref(target_id, filt)
         return ref is not None and ref["frame_id"] in self._held
+
+    def _filter_ref(self, target_id: int, filt: str) -> dict[str, Any] | None:
+        """The filter's photometric reference on this target grid (frame, star fluxes,
+        scale), or None before its first accepted frame."""
+        return (self.catalog.target(target_id)["filter_refs"] or {}).get(filt)
 
     def _confirm(self, aligned: Aligned, note: str | None) -> None:
         self._set_status(aligned.frame, "accepted", note)
