@@ -171,7 +171,7 @@ class Daemon:
         self._start_components()
         self._state = "running"
         self._write_state(force=True)
-        self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+        self.notifier.notify("READY=1", f"STATUS={self._status_line(self._current_night())}")
         logger.info("observd running: watching {}", _paths(self.config.paths.incoming))
         if self.on_ready is not None:
             self.on_ready()
@@ -365,7 +365,7 @@ class Daemon:
             atomic_write_bytes(path, json.dumps(state, indent=1, default=str).encode())
         except OSError as exc:  # disk full: the daemon carries on, the page goes stale
             logger.error("cannot write the daemon state file: {}", exc)
-        lines = [f"STATUS={self._status_line()}"]
+        lines = [f"STATUS={self._status_line(state['night'])}"]
         if self.notifier.watchdog_seconds:
             lines.append("WATCHDOG=1")
         self.notifier.notify(*lines)
@@ -405,9 +405,8 @@ class Daemon:
         rows = list(self.catalog.db.query("select max(night) as n from frames"))
         return rows[0]["n"] if rows else None
 
-    def _status_line(self) -> str:
+    def _status_line(self, night: str | None) -> str:
         """Tonight's counts, for ``systemctl status``."""
-        night = self._current_night()
         if self.catalog is None or night is None:
             return "waiting for the first frame"
         counts = {
