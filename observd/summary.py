@@ -73,27 +73,25 @@ def night_end(config: Config, night: str) -> datetime:
     night
         Local date of the evening, ``YYYY-MM-DD``.
     """
-    site = config.site
-    if site.latitude is not None and site.longitude is not None:
-        _, dawn = twilight(night, site.latitude, site.longitude, site.timezone,
-                           config.summary.dawn_altitude)  # fmt: skip
-        if dawn is not None:
-            return dawn
-    hh, mm = (int(x) for x in config.summary.fallback_dawn.split(":"))
-    morning = date.fromisoformat(night) + timedelta(days=1)
-    return datetime.combine(morning, time(hh, mm), ZoneInfo(site.timezone)).astimezone(UTC)
+    return _night_bounds(config, night)[1]
 
 
-def _night_start(config: Config, night: str) -> datetime:
-    """Dusk at the same sun altitude (or local 18:00 when it cannot be computed)."""
+def _night_bounds(config: Config, night: str) -> tuple[datetime, datetime]:
+    """Dusk and dawn (UTC) at ``summary.dawn_altitude``; where the sun cannot say (no
+    site position, or it never gets that low), local 18:00 and ``summary.fallback_dawn``."""
     site = config.site
+    dusk = dawn = None
     if site.latitude is not None and site.longitude is not None:
-        dusk, _ = twilight(night, site.latitude, site.longitude, site.timezone,
-                           config.summary.dawn_altitude)  # fmt: skip
-        if dusk is not None:
-            return dusk
-    start = datetime.combine(date.fromisoformat(night), time(18, 0), ZoneInfo(site.timezone))
-    return start.astimezone(UTC)
+        dusk, dawn = twilight(night, site.latitude, site.longitude, site.timezone,
+                              config.summary.dawn_altitude)  # fmt: skip
+    evening = date.fromisoformat(night)
+    tz = ZoneInfo(site.timezone)
+    if dusk is None:
+        dusk = datetime.combine(evening, time(18, 0), tz).astimezone(UTC)
+    if dawn is None:
+        hh, mm = (int(x) for x in config.summary.fallback_dawn.split(":"))
+        dawn = datetime.combine(evening + timedelta(days=1), time(hh, mm), tz).astimezone(UTC)
+    return dusk, dawn
 
 
 def _source_stamp(catalog: Catalog, night: str) -> dict[str, Any]:
@@ -190,7 +188,7 @@ def summary_data(config: Config, catalog: Catalog, night: str) -> dict[str, Any]
         (row["target_id"], row["filter"] or ""): row
         for row in catalog.db["coadds"].rows_where("night = ?", [night])
     }
-    dusk, dawn = _night_start(config, night), night_end(config, night)
+    dusk, dawn = _night_bounds(config, night)
     data: dict[str, Any] = {
         "night": night,
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
