@@ -19,6 +19,7 @@ from observd.coadds import Coadds
 from observd.config import Config
 from observd.ingest import Ingested, ingest_file
 from observd.lights import Aligned, LightStage
+from observd.memory import keep_freed_memory
 from observd.products import Products
 from observd.rawio import BadFrame, read_raw
 
@@ -42,6 +43,7 @@ class Pipeline:
     """
 
     def __init__(self, config: Config, catalog: Catalog) -> None:
+        keep_freed_memory()  # each light's frame-sized arrays are reused by the next
         self.config = config
         self.catalog = catalog
         self.products = Products(config.paths.products)
