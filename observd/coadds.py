@@ -15,9 +15,10 @@ and the colour composite is made once. Nothing here grows with the number of fra
 but the FRAMES table (one row per light, from one indexed query).
 
 Writing is off the frame's path: a checkpoint (~27 bytes per grid pixel, ~0.5 GB at
-4096 px, fsynced) and the products (FITS, PNG) are snapshotted in memory when they are
-due and written by one background thread, in order, while the next lights are
-processed; the catalog learns about a file only once it is complete (the pipeline
+4096 px, fsynced) and the products (FITS, PNG, RGB) are snapshotted in memory when they
+are due -- by a copier thread, while the next light is read, calibrated, measured and
+warped; the coadd waits for the copy before that light changes it -- and written by one
+background thread, in order, while the next lights are processed; the catalog learns about a file only once it is complete (the pipeline
 thread records it at the next frame or at :meth:`Coadds.flush`, which waits for every
 write). Each checkpoint has its own file name, so the catalog's row always names a
 checkpoint holding exactly the frames it lists, whatever a crash interrupts.
@@ -25,6 +26,7 @@ checkpoint holding exactly the frames it lists, whatever a crash interrupts.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import time
 import warnings
@@ -44,7 +46,7 @@ from observd.catalog import Catalog, json_text
 from observd.config import StackConfig
 from observd.products import Products, atomic_write, atomic_write_fits
 from observd.register import Grid
-from observd.stack import FrameInput, RunningCoadd, fit_sky
+from observd.stack import FrameInput, RunningCoadd, SkyFit, fit_sky
 
 __all__ = ["Coadds"]
 
@@ -65,6 +67,9 @@ class _Live:
     published: float = 0.0  # monotonic time of the last product write
     dirty: bool = False
     masters: set[int] = field(default_factory=set)
+    # the copy of the arrays for a checkpoint, running beside the next light: the coadd
+    # takes no frame until it is done
+    snapshot: Future[dict[str, Any]] | None = None
 
 
 class Coadds:
@@ -85,6 +90,9 @@ class Coadds:
         self._live: dict[tuple[int, str], _Live] = {}
         # one writer thread: checkpoints and products in the order they were due
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="observd-writer")
+        # one copier: a checkpoint's snapshot of the arrays, made while the next light is
+        # read, calibrated, measured and warped (which do not touch the coadds)
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="observd-copier")
         self._pending: list[tuple[Future[None], Callable[[], None]]] = []
 
     def add(
@@ -153,18 +161,23 @@ class Coadds:
         gain: float | None, masters: list[int],
     ) -> tuple[_Live, tuple[bool, str | None]]:  # fmt: skip
         live = self._get(target, filt, grid, frame["filter"] or "")
-        per_second = image / np.float32(frame["exptime"])
-        sky = fit_sky(per_second)
+        self._snapshot_taken(live)
+        # the image stays in ADU: the coadd divides by the exposure time as it folds the
+        # frame in, and evaluates the sky's polynomial there (no full-frame pass for either)
+        per_second = 1.0 / float(frame["exptime"])
+        fit = fit_sky(image)
+        sky = SkyFit(tuple(c * per_second for c in fit.coeffs), fit.rms * per_second, fit.shape)
         report = live.coadd.add(
             FrameInput(
-                per_second,
+                image,
+                unit=per_second,
                 sky_rms=sky.rms,
                 exptime=frame["exptime"],
                 fwhm=fwhm if np.isfinite(fwhm) else 3.0,
                 frame_id=frame["id"],
                 coverage=weight,
                 scale=1.0 / transparency if transparency > 0 else 1.0,
-                sky=sky.map(),
+                sky=sky,
                 gain=gain,
             )
         )
@@ -318,10 +331,12 @@ class Coadds:
 
     def _checkpoint(self, live: _Live) -> None:
         state = live.coadd.state()
-        # the live arrays change with the next frame: the writer gets a copy (~0.1 s at
-        # 4096 px, against 0.5-1 s for writing and syncing it)
-        state = {k: (v.copy() if isinstance(v, np.ndarray) and not k.startswith("buffer")
-                     else v) for k, v in state.items()}  # fmt: skip
+        # the live arrays change with the next frame: the writer gets a copy, made on
+        # the copier thread (~0.1 s at 4096 px, against 0.5-1 s for writing and syncing
+        # it) while the next light goes through the stages before its coadd
+        live.snapshot = snapshot = self._copier.submit(
+            lambda: {k: (v.copy() if isinstance(v, np.ndarray) and not k.startswith("buffer")
+                         else v) for k, v in state.items()})  # fmt: skip
         frame_ids, n_frames = list(live.coadd.frame_ids), live.coadd.n_frames
         path = self.products.state_dir() / f"coadd_{live.id}_{n_frames}.npz"
 
@@ -339,8 +354,17 @@ class Coadds:
             if old and old != str(path):
                 Path(old).unlink(missing_ok=True)
 
-        self._background(lambda: atomic_write(path, lambda fh: np.savez(fh, **state)), record)
+        self._background(
+            lambda: atomic_write(path, lambda fh: np.savez(fh, **snapshot.result())), record)
         live.since_checkpoint = 0
+
+    @staticmethod
+    def _snapshot_taken(live: _Live) -> None:
+        """Wait until the copy of the coadd's arrays for its checkpoint is made (before
+        the coadd changes); a failed copy fails that checkpoint's write, which logs it."""
+        if live.snapshot is not None:
+            concurrent.futures.wait([live.snapshot])
+            live.snapshot = None
 
     # ----------------------------------------------------------------- products
 
@@ -350,8 +374,13 @@ class Coadds:
             return
         fits_path = self.products.stack(live.night, live.target, live.filter)
         png_path = self.products.stack(live.night, live.target, live.filter, ".png")
-        image = coadd.image  # a new array: a snapshot
-        hdus = self._hdus(live, image)
+        lights = self._lights(live)
+        header = self._header(live, lights)
+        table = _frames_table(lights, {r.frame_id: r for r in coadd.frames})
+        # the pixels are computed on the copier thread, beside the next light; the coadd
+        # waits for them before it changes
+        live.snapshot = pixels = self._copier.submit(
+            lambda: {"image": coadd.image, "exposure": coadd.exposure})
         row = {
             "n_frames": coadd.n_frames,
             "fits": str(fits_path),
@@ -362,16 +391,20 @@ class Coadds:
         max_size = self.config.png_max_size
 
         def write() -> None:
-            atomic_write_fits(fits_path, hdus)
+            image, exposure = pixels.result()["image"], pixels.result()["exposure"]
+            expmap = fits.ImageHDU(exposure, name="EXPMAP")
+            expmap.header["BUNIT"] = "s"
+            atomic_write_fits(fits_path, fits.HDUList(
+                [fits.PrimaryHDU(image, header), expmap, table]))  # fmt: skip
             render.quicklook(_fill_cores(image), png_path, max_size=max_size)
 
         self._background(write, lambda: self.catalog.db["coadds"].update(live.id, row))
         live.published, live.dirty = time.monotonic(), False
 
-    def _hdus(self, live: _Live, image: np.ndarray) -> fits.HDUList:
+    def _header(self, live: _Live, lights: list[dict[str, Any]]) -> fits.Header:
+        """The coadd FITS header (the dates from the frames in it)."""
         coadd = live.coadd
-        lights = self._lights(live)
-        records = {r.frame_id: r for r in coadd.frames}
+        records = {r.frame_id for r in coadd.frames}
         header = fits.Header()
         if live.grid.wcs is not None:
             header.update(live.grid.wcs.to_header())
@@ -389,11 +422,7 @@ class Coadds:
         for master_id in sorted(live.masters):
             m = self.catalog.master(master_id)
             header.add_history(f"master {m['kind']} v{m['version']} {m['path'].rsplit('/', 1)[-1]}")
-        # both are new float32 arrays already (snapshots for the writer): no more copies
-        primary = fits.PrimaryHDU(np.asarray(image, dtype=np.float32), header)
-        expmap = fits.ImageHDU(np.asarray(coadd.exposure, dtype=np.float32), name="EXPMAP")
-        expmap.header["BUNIT"] = "s"
-        return fits.HDUList([primary, expmap, _frames_table(lights, records)])
+        return header
 
     def _lights(self, live: _Live) -> list[dict[str, Any]]:
         """Every light of this coadd's target grid and filter: the columns the products
@@ -413,16 +442,24 @@ class Coadds:
         mapping = render.choose_mapping(sorted(mine))
         if mapping is None:
             return
-        channels = {f: _fill_cores(v.coadd.image) for f, v in mine.items() if v.coadd.n_frames}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", render.RenderWarning)
-            try:
-                rgb = render.rgb_composite(channels, mapping)
-            except (KeyError, ValueError) as exc:
-                logger.warning("{}: no colour composite: {}", live.target, exc)
-                return
+        used = {f: v for f, v in mine.items() if v.coadd.n_frames}
+        images = self._copier.submit(lambda: {f: v.coadd.image for f, v in used.items()})
+        for v in used.values():
+            v.snapshot = images
         path, max_size = self.products.rgb(live.night, live.target), self.config.png_max_size
-        self._background(lambda: render.to_png(rgb, path, max_size=max_size), lambda: None)
+
+        def write() -> None:
+            channels = {f: _fill_cores(image) for f, image in images.result().items()}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", render.RenderWarning)
+                try:
+                    rgb = render.rgb_composite(channels, mapping)
+                except (KeyError, ValueError) as exc:
+                    logger.warning("{}: no colour composite: {}", live.target, exc)
+                    return
+            render.to_png(rgb, path, max_size=max_size)
+
+        self._background(write, lambda: None)
 
 
 def _frames_table(lights: list[dict[str, Any]], records: dict[int, Any]) -> fits.BinTableHDU:
