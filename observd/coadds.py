@@ -20,8 +20,9 @@ are due -- by a copier thread, while the next light is read, calibrated, measure
 warped; the coadd waits for the copy before that light changes it -- and written by one
 background thread, in order, while the next lights are processed; the catalog learns
 about a file only once it is complete (the pipeline thread records it at the next frame
-or at :meth:`Coadds.flush`, which waits for every write). Each checkpoint has its own file name, so the catalog's row always names a
-checkpoint holding exactly the frames it lists, whatever a crash interrupts.
+or at :meth:`Coadds.flush`, which waits for every write). Each checkpoint has its own
+file name, so the catalog's row always names a checkpoint holding exactly the frames it
+lists, whatever a crash interrupts.
 """
 
 from __future__ import annotations
