@@ -6,10 +6,11 @@ module reads a file once (bytes -> hash -> FITS), checks its structure against w
 its header promises, and returns the image or raises :class:`BadFrame` with a reason
 an operator can act on. It never writes to the file.
 
-The SHA-256 of the bytes is computed in a worker thread (hashlib releases the GIL) while
-the FITS structure is parsed and the pixels converted, and the camera's usual layout
-(16-bit unsigned stored as int16 + BZERO 32768) is converted from the bytes read in one
-compiled pass that also finds the extremes: at 4096 px the hash is most of the cost.
+The SHA-256 of the bytes is computed in a worker thread (hashlib releases the GIL) as
+they are read, and while the FITS structure is parsed and the pixels converted; the
+camera's usual layout (16-bit unsigned stored as int16 + BZERO 32768) is converted from
+the bytes read in one compiled pass that also finds the extremes. At 4096 px the hash is
+most of the cost.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import gzip
 import hashlib
 import io
 import os
+import queue
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -94,7 +96,7 @@ def read_raw(path: str | os.PathLike[str]) -> RawFrame:
     try:
         with open(path, "rb") as fh:
             stat = os.fstat(fh.fileno())
-            blob = fh.read()
+            blob, digest = _read_hashing(fh)
     except PermissionError:
         raise BadFrame("cannot read: permission denied") from None
     except IsADirectoryError:
@@ -106,8 +108,7 @@ def read_raw(path: str | os.PathLike[str]) -> RawFrame:
 
     size = len(blob)
     if size == 0:
-        raise BadFrame("empty file (0 bytes)", sha256=hashlib.sha256(blob).hexdigest(), size=0)
-    digest = _hash(blob)
+        raise BadFrame("empty file (0 bytes)", sha256=digest.result(), size=0)
     try:
         header, data, index = _parse(blob, size)
     except BadFrame as bad:
@@ -160,15 +161,33 @@ def _parse(file_blob: bytes, size: int) -> tuple[fits.Header, np.ndarray, int]:
     return header, data, index
 
 
-def _hash(blob: bytes) -> Future[str]:
-    """The SHA-256 of ``blob``, computed in a worker thread."""
+def _read_hashing(fh: io.BufferedReader) -> tuple[bytes, Future[str]]:
+    """All the bytes of a file, and their SHA-256 computed in a worker thread as they
+    arrive (the reading and the hashing overlap; hashlib releases the GIL)."""
     global _HASHER
     with _HASHER_LOCK:
         if _HASHER is None:
             _HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="observd-sha256")
-    return _HASHER.submit(lambda: hashlib.sha256(blob).hexdigest())
+    chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    digest = _HASHER.submit(_sha256, chunks)
+    parts = []
+    try:
+        while part := fh.read(_CHUNK):
+            parts.append(part)
+            chunks.put(part)
+    finally:
+        chunks.put(None)  # always: the worker must not wait for ever
+    return b"".join(parts), digest
 
 
+def _sha256(chunks: queue.SimpleQueue[bytes | None]) -> str:
+    sha = hashlib.sha256()
+    while (part := chunks.get()) is not None:
+        sha.update(part)
+    return sha.hexdigest()
+
+
+_CHUNK = 4 << 20
 _HASHER: ThreadPoolExecutor | None = None
 _HASHER_LOCK = threading.Lock()
 
