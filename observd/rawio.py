@@ -192,6 +192,15 @@ _HASHER: ThreadPoolExecutor | None = None
 _HASHER_LOCK = threading.Lock()
 
 
+def _forget_hasher() -> None:
+    """A forked child has none of the parent's threads: it starts its own pool."""
+    global _HASHER, _HASHER_LOCK
+    _HASHER, _HASHER_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_hasher)
+
+
 def _unsigned16(hdu, header, blob: bytes, offset: int) -> tuple[np.ndarray, tuple] | None:
     """The pixels of an uncompressed 16-bit unsigned image (int16 + BZERO 32768, BSCALE 1),
     and their minimum and maximum, straight from the bytes read; None for any other

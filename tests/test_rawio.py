@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -117,3 +119,25 @@ def test_frames_read_from_several_threads_get_their_own_hash(tmp_path):
     for path, raw in zip(paths * 2, frames, strict=True):
         assert raw.sha256 == _sha(path)
         np.testing.assert_array_equal(raw.data, _astropy(path)[0])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_can_still_read(tmp_path):
+    """The hashing threads do not survive a fork: the child must start its own."""
+    path = tmp_path / "f.fits"
+    fits.PrimaryHDU(_u16((50, 40))).writeto(path)
+    want = read_raw(path).sha256  # the parent's hashing pool exists now
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = read_raw(path).sha256 == want
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung reading a frame")
