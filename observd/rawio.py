@@ -96,7 +96,7 @@ def read_raw(path: str | os.PathLike[str]) -> RawFrame:
     try:
         with open(path, "rb") as fh:
             stat = os.fstat(fh.fileno())
-            blob, digest = _read_hashing(fh)
+            blob, digest = _read_hashing(fh, stat.st_size)
     except PermissionError:
         raise BadFrame("cannot read: permission denied") from None
     except IsADirectoryError:
@@ -125,19 +125,19 @@ def read_raw(path: str | os.PathLike[str]) -> RawFrame:
     )
 
 
-def _parse(file_blob: bytes, size: int) -> tuple[fits.Header, np.ndarray, int]:
+def _parse(file_blob: memoryview, size: int) -> tuple[fits.Header, np.ndarray, int]:
     """The image header, pixels and HDU index of a file's bytes, or :class:`BadFrame`
     (without its hash: :func:`read_raw` adds it)."""
     sha256 = None
     blob = _decompress(file_blob, sha256, size)
-    if not blob.startswith(b"SIMPLE  ="):
+    if bytes(blob[:9]) != b"SIMPLE  =":
         raise BadFrame(f"not a FITS file (begins with {_preview(blob)})", sha256=sha256, size=size)
 
     extremes = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bad cards are reported by headers.describe
         try:
-            hdul = fits.open(io.BytesIO(blob), memmap=False, lazy_load_hdus=False)
+            hdul = fits.open(_open_buffer(blob), memmap=False, lazy_load_hdus=False)
         except Exception as exc:  # astropy raises OSError/ValueError/IndexError variously
             raise BadFrame(_header_reason(exc, size), sha256=sha256, size=size) from None
         try:
@@ -161,26 +161,36 @@ def _parse(file_blob: bytes, size: int) -> tuple[fits.Header, np.ndarray, int]:
     return header, data, index
 
 
-def _read_hashing(fh: io.BufferedReader) -> tuple[bytes, Future[str]]:
+def _read_hashing(fh: io.BufferedReader, size_hint: int) -> tuple[memoryview, Future[str]]:
     """All the bytes of a file, and their SHA-256 computed in a worker thread as they
-    arrive (the reading and the hashing overlap; hashlib releases the GIL)."""
+    arrive (the reading and the hashing overlap; hashlib releases the GIL). The bytes are
+    read once, into one buffer, which the FITS parser and the pixel conversion then read."""
     global _HASHER
     with _HASHER_LOCK:
         if _HASHER is None:
             _HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="observd-sha256")
-    chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    chunks: queue.SimpleQueue[bytes | memoryview | None] = queue.SimpleQueue()
     digest = _HASHER.submit(_sha256, chunks)
-    parts = []
+    view = memoryview(np.empty(size_hint, dtype=np.uint8))  # not zeroed first, as bytearray is
+    done = 0
     try:
-        while part := fh.read(_CHUNK):
-            parts.append(part)
-            chunks.put(part)
+        while done < size_hint:
+            n = fh.readinto(view[done : done + _CHUNK])
+            if not n:  # shorter than it was a moment ago
+                view = view[:done]
+                break
+            chunks.put(view[done : done + n])
+            done += n
+        more = fh.read() if done == size_hint else b""  # it grew meanwhile
+        if more:
+            chunks.put(more)
+            view = memoryview(view.tobytes() + more)
     finally:
         chunks.put(None)  # always: the worker must not wait for ever
-    return b"".join(parts), digest
+    return view, digest
 
 
-def _sha256(chunks: queue.SimpleQueue[bytes | None]) -> str:
+def _sha256(chunks: queue.SimpleQueue[bytes | memoryview | None]) -> str:
     sha = hashlib.sha256()
     while (part := chunks.get()) is not None:
         sha.update(part)
@@ -244,19 +254,59 @@ def _unsigned16_kernel(stored, out):
     return lo, hi
 
 
-def _decompress(blob: bytes, sha256: str, size: int) -> bytes:
+def _open_buffer(blob: bytes | memoryview) -> io.BufferedReader | io.BytesIO:
+    """A file object over the bytes, for astropy, without copying them (``io.BytesIO``
+    copies anything but ``bytes``)."""
+    if isinstance(blob, bytes):
+        return io.BytesIO(blob)
+    return io.BufferedReader(_BufferFile(blob))
+
+
+class _BufferFile(io.RawIOBase):
+    """A read-only, seekable raw file over a buffer."""
+
+    def __init__(self, buffer: memoryview) -> None:
+        super().__init__()
+        self._buffer = buffer.cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        start = min(self._pos, len(self._buffer))
+        part = self._buffer[start : start + len(target)]
+        target[: len(part)] = part
+        self._pos = start + len(part)
+        return len(part)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._buffer)}[whence]
+        if base + offset < 0:
+            raise OSError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _decompress(blob: memoryview, sha256: str, size: int) -> bytes | memoryview:
     try:
-        if blob[:2] == b"\x1f\x8b":
+        if bytes(blob[:2]) == b"\x1f\x8b":
             return gzip.decompress(blob)
-        if blob[:3] == b"BZh":
+        if bytes(blob[:3]) == b"BZh":
             return bz2.decompress(blob)
     except (OSError, EOFError, ValueError) as exc:
         raise BadFrame(f"corrupt compressed file ({exc})", sha256=sha256, size=size) from None
     return blob
 
 
-def _preview(blob: bytes) -> str:
-    head = blob[:24]
+def _preview(blob: bytes | memoryview) -> str:
+    head = bytes(blob[:24])
     if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
         return repr(head.decode("ascii").split("\n")[0])
     return "binary bytes " + head[:8].hex(" ")

@@ -141,3 +141,17 @@ def test_a_forked_child_can_still_read(tmp_path):
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     pytest.fail("the forked child hung reading a frame")
+
+
+def test_a_file_that_grows_or_shrinks_while_read_is_read_to_its_end(tmp_path):
+    """The buffer is sized from fstat; a file still changing gets all its bytes anyway."""
+    from observd.rawio import _read_hashing
+
+    content = np.random.default_rng(0).bytes(3 * 2880 + 17)
+    path = tmp_path / "f.fits"
+    path.write_bytes(content)
+    for hint in (0, 100, len(content) - 1, len(content), len(content) + 5000):
+        with open(path, "rb") as fh:
+            view, digest = _read_hashing(fh, hint)
+        assert bytes(view) == content, hint
+        assert digest.result() == hashlib.sha256(content).hexdigest(), hint
