@@ -10,7 +10,9 @@ stars, saturated ones, cosmic rays, hot pixels, vignetting) is written to a temp
 pixels, a hot-pixel map). Both versions then read the file (bytes, SHA-256, FITS, checks)
 and calibrate the light, alternately (each first in turn), ``--repeat`` times, and every
 result is checked equal (pixels, header, hash; calibrated image bit for bit, mask,
-counts). Prints the median ms.
+counts). Prints the median ms, wall clock and (``cpu``) the process's CPU time, all
+threads: the hash runs beside the parse and the kernels use both cores, so on a busy
+machine the wall time of the new code tends to its CPU time.
 
 The machine may be shared: compare the columns of one run, not runs. The kernels are
 compiled (or loaded from numba's disk cache) before the timings.
@@ -105,20 +107,21 @@ def bench_size(n: int, repeat: int, old: dict[str, ModuleType], folder: Path) ->
     fits.PrimaryHDU(raw, header).writeto(path, overwrite=True)
     versions = {"old": (old["rawio"], old["reduce"]), "new": (rawio, reduce)}
     masters = {k: r.prepare(m["bias"], m["dark"], m["flat"]) for k, (_, r) in versions.items()}
-    times: dict[str, dict[str, list[float]]] = {k: {"read": [], "calibrate": []} for k in versions}
+    stages = ("read", "calibrate", "read cpu", "calibrate cpu")
+    times: dict[str, dict[str, list[float]]] = {k: {s: [] for s in stages} for k in versions}
     sha: list[float] = []
     for i in range(repeat + 1):  # the first round compiles / warms up, not timed
         out = {}
         order = list(versions.items())
         for label, (rio, red) in order if i % 2 else order[::-1]:  # each goes first in turn
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             frame = rio.read_raw(path)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             cal = red.calibrate(frame.data, masters[label], hot=m["hot"])
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             if i:
-                times[label]["read"].append(t1 - t0)
-                times[label]["calibrate"].append(t2 - t1)
+                for stage, value in zip(stages, (t1 - t0, t2 - t1, c1 - c0, c2 - c1), strict=True):
+                    times[label][stage].append(value)
             out[label] = frame, cal
         same_read(out["old"][0], out["new"][0])
         assert np.array_equal(out["new"][0].data, raw)
@@ -142,17 +145,17 @@ def main() -> None:
     old = {name: load_old(args.old, name) for name in ("rawio", "reduce")}
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the start; "
           f"old = {args.old}, median of {args.repeat} interleaved rounds, ms")  # fmt: skip
-    print(f"{'size':>6} {'stage':<12} {'old':>8} {'new':>8} {'old/new':>8}")
+    print(f"{'size':>6} {'stage':<14} {'old':>8} {'new':>8} {'old/new':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
             result = bench_size(n, args.repeat, old, Path(tmp))
             t = result["times"]
             for tl in t.values():
                 tl["both"] = [a + b for a, b in zip(tl["read"], tl["calibrate"], strict=True)]
-            for stage in ("read", "calibrate", "both"):
+            for stage in ("read", "calibrate", "both", "read cpu", "calibrate cpu"):
                 mo = statistics.median(t["old"][stage]) * 1e3
                 mw = statistics.median(t["new"][stage]) * 1e3
-                print(f"{n:>6} {stage:<12} {mo:8.1f} {mw:8.1f} {mo / mw:7.1f}x")
+                print(f"{n:>6} {stage:<14} {mo:8.1f} {mw:8.1f} {mo / mw:7.1f}x")
             sha = statistics.median(result["sha256"]) * 1e3
             print(f"{n:>6} {'sha256 alone (the floor of read)':<30} {sha:8.1f}")
             print(f"{'':>6} ({result['bytes'] / 2**20:.0f} MB file; {result['counts']}; "

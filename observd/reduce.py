@@ -159,12 +159,14 @@ def calibrate(
         hot_index = _bits_gather(hot_bits, nx, _DUMMY_MASK, False)
         _repair_at(image, hot, hot_index)
         counts["hot"] = int(hot_index.size)
+    sky = None
     if cosmic_factor is not None:
-        hits = _cosmic_hits(image, cosmic_factor, 6.0, mask)
+        sky = _sky(image)  # of the image as the repair below finds it, too
+        hits = _cosmic_hits(image, cosmic_factor, 6.0, mask, sky)
         counts["cosmic"] = int(hits.size)
         mask.ravel()[hits] = True
         bad = np.concatenate([bad, hits])  # disjoint: the candidates exclude the mask
-    _repair_at(image, mask, bad)
+    _repair_at(image, mask, bad, sky)
     return Calibrated(image, mask, counts)
 
 
@@ -181,15 +183,21 @@ def repair_pixels(image: np.ndarray, bad: np.ndarray) -> int:
     return int(flat.size)
 
 
-def _repair_at(image: np.ndarray, bad: np.ndarray, flat: np.ndarray) -> None:
+def _repair_at(
+    image: np.ndarray,
+    bad: np.ndarray,
+    flat: np.ndarray,
+    sky: tuple[float, float] | None = None,
+) -> None:
     """:func:`repair_pixels` for the bad pixels at ``flat`` (indices into ``image.ravel()``,
-    all of them True in ``bad``). Every fill is computed before any is written."""
+    all of them True in ``bad``). Every fill is computed before any is written; ``sky`` is
+    ``_sky(image)`` when already known."""
     if flat.size == 0:
         return
     fill = _repair_kernel(image, _kernel_mask(bad), flat.astype(np.int64, copy=False))
     lost = ~np.isfinite(fill)
     if lost.any():  # no good neighbour at all: the frame's typical value
-        fill[lost] = _sky(image)[0]
+        fill[lost] = (_sky(image) if sky is None else sky)[0]
     image.ravel()[flat] = fill
 
 
@@ -211,17 +219,22 @@ def cosmic_ray_mask(
     makes it).
     """
     image = np.asarray(image, dtype=F32)
-    hits = _cosmic_hits(image, factor, nsigma, exclude)
+    hits = _cosmic_hits(image, factor, nsigma, exclude, _sky(image))
     mask = np.zeros(image.shape, dtype=bool)
     mask.ravel()[hits] = True
     return mask
 
 
 def _cosmic_hits(
-    image: np.ndarray, factor: float, nsigma: float, exclude: np.ndarray | None
+    image: np.ndarray,
+    factor: float,
+    nsigma: float,
+    exclude: np.ndarray | None,
+    sky: tuple[float, float],
 ) -> np.ndarray:
-    """Flat indices of the cosmic-ray hits, sorted (see :func:`cosmic_ray_mask`)."""
-    sky, sigma = _sky(image)
+    """Flat indices of the cosmic-ray hits, sorted (see :func:`cosmic_ray_mask`);
+    ``sky`` is ``_sky(image)``."""
+    sky, sigma = sky
     threshold = F32(sky + nsigma * sigma)
     ny, nx = image.shape
     use_exclude = exclude is not None
