@@ -125,7 +125,10 @@ def calibrate(
     saturated = np.empty((ny, _words(nx)), dtype=np.uint64)
     use_hot = hot is not None
     hot_bits = np.empty_like(saturated) if use_hot else _DUMMY_WORDS
-    offset, inverse = masters.offset, masters.inverse_flat
+    offset = None if masters.offset is None else _operand(masters.offset, raw.shape)
+    inverse = None if masters.inverse_flat is None else _operand(masters.inverse_flat, raw.shape)
+    if use_hot:
+        hot = _kernel_mask(hot, raw.shape)
     # the comparison numpy would make: float32 only for a float32 frame and a weak limit
     sat32 = saturation is not None and raw.dtype == F32 and np.result_type(raw, saturation) == F32
     _apply_kernel(
@@ -136,7 +139,7 @@ def calibrate(
         inverse is not None,
         np.nan if saturation is None else float(saturation),  # NaN: nothing is >= it
         sat32,
-        _kernel_mask(hot) if use_hot else _DUMMY_MASK,
+        hot if use_hot else _DUMMY_MASK,
         use_hot,
         image,
         mask,
@@ -176,7 +179,9 @@ def repair_pixels(image: np.ndarray, bad: np.ndarray) -> int:
     Works on the bad pixels' coordinates only (hot pixels are sparse), so the cost does
     not depend on the frame size. Returns the number repaired.
     """
-    bad = _kernel_mask(bad)
+    if np.ndim(image) != 2:
+        raise ValueError(f"expected a 2-D image, not shape {np.shape(image)}")
+    bad = _kernel_mask(bad, image.shape)
     flat = np.flatnonzero(bad)
     if flat.size:
         _repair_at(image, bad, flat)
@@ -194,11 +199,14 @@ def _repair_at(
     ``_sky(image)`` when already known."""
     if flat.size == 0:
         return
-    fill = _repair_kernel(image, _kernel_mask(bad), flat.astype(np.int64, copy=False))
+    fill = _repair_kernel(image, _kernel_mask(bad, image.shape), flat.astype(np.int64, copy=False))
     lost = ~np.isfinite(fill)
     if lost.any():  # no good neighbour at all: the frame's typical value
         fill[lost] = (_sky(image) if sky is None else sky)[0]
-    image.ravel()[flat] = fill
+    if image.flags.c_contiguous:
+        image.ravel()[flat] = fill
+    else:  # ravel() would be a copy
+        image[np.divmod(flat, image.shape[1])] = fill
 
 
 def cosmic_ray_mask(
@@ -238,7 +246,7 @@ def _cosmic_hits(
     threshold = F32(sky + nsigma * sigma)
     ny, nx = image.shape
     use_exclude = exclude is not None
-    exclude = _kernel_mask(exclude) if use_exclude else _DUMMY_MASK
+    exclude = np.broadcast_to(_kernel_mask(exclude), image.shape) if use_exclude else _DUMMY_MASK
     above = np.empty((ny, _words(nx)), dtype=np.uint64)
     _above_kernel(image, threshold, above)
     flat = _bits_gather(above, nx, exclude, use_exclude)
@@ -278,9 +286,21 @@ def _kernel_input(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def _kernel_mask(mask: np.ndarray) -> np.ndarray:
+def _kernel_mask(mask: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A bool map for the kernels, of ``shape`` when given (which the kernels rely on:
+    they do not check their indices)."""
     mask = np.asarray(mask)
-    return mask if mask.dtype == np.bool_ else mask.astype(bool)
+    mask = mask if mask.dtype == np.bool_ else mask.astype(bool)
+    if shape is not None and mask.shape != shape:
+        raise ValueError(f"a map of shape {mask.shape} for a frame of shape {shape}")
+    return mask
+
+
+def _operand(master: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A master as the kernels take it: native byte order, the frame's shape (broadcast,
+    as numpy would)."""
+    master = _kernel_input(master)
+    return master if master.shape == shape else np.broadcast_to(master, shape)
 
 
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]

@@ -298,3 +298,25 @@ def test_cosmic_ray_mask_and_repair_match():
     a, b = image.copy(), image.copy()
     assert reduce.repair_pixels(a, bad) == ref_repair_pixels(b, bad) == np.count_nonzero(bad)
     np.testing.assert_array_equal(a, b)
+
+
+def test_shapes_are_checked_and_views_repaired_in_place():
+    """The kernels do not check indices: a map of another shape is refused, as numpy
+    refused it; masters broadcast as numpy broadcast them."""
+    raw, bias, dark, flat, hot = _scene((64, 96), seed=6)
+    with pytest.raises(ValueError):
+        reduce.calibrate(raw, reduce.prepare(bias, dark, flat), hot=hot[:32])
+    with pytest.raises(ValueError):
+        reduce.calibrate(raw, reduce.prepare(bias[:32], None, None))
+    with pytest.raises(ValueError):
+        reduce.repair_pixels(np.zeros((64, 96), F32), hot[:, :50])
+    row_bias = bias[:1]  # one row for every row
+    _same(reduce.calibrate(raw, reduce.Masters(offset=row_bias)),
+          ref_calibrate(raw, reduce.Masters(offset=row_bias)))  # fmt: skip
+    image = reduce.calibrate(raw, reduce.prepare(bias, dark, flat), cosmic_factor=None).image
+    big = np.zeros((64, 192), F32)
+    big[:, ::2] = image
+    view = big[:, ::2]  # not contiguous: repaired in place all the same
+    copy = image.copy()
+    assert reduce.repair_pixels(view, hot) == ref_repair_pixels(copy, hot) > 0
+    np.testing.assert_array_equal(big[:, ::2], copy)
