@@ -128,6 +128,7 @@ class Calibrations:
         self._stale_rates: set[tuple[str, str]] = set()
         self._stale_bias_health: set[str] = set()  # bias keys whose health is not measured
         self._cache: dict[tuple[int, str | int], np.ndarray] = {}  # master pixels, LRU
+        self._hot: tuple[tuple[Any, ...], np.ndarray] | None = None  # the last hot-pixel map
         self._stale_rates |= self._rates_behind_their_darks()
 
     def _rates_behind_their_darks(self) -> set[tuple[str, str]]:
@@ -671,7 +672,13 @@ class Calibrations:
         """The hot-pixel map of the nearest dark-rate master (bool), if any."""
         self.flush()
         rate = self.catalog.nearest_masters("darkrate", setup, night, self.config.dark_max_age_days)
-        return self.load(rate[0], "HOTPIX") > 0 if rate else None
+        if not rate:
+            return None
+        # every light of the night shares it: built once per master (a full pass)
+        key = (rate[0]["id"], rate[0].get("version"), rate[0]["path"])
+        if self._hot is None or self._hot[0] != key:
+            self._hot = (key, self.load(rate[0], "HOTPIX") > 0)
+        return self._hot[1]
 
     def _known_gain(self, frame: dict[str, Any]) -> float | None:
         rows = self.catalog.camera_health(frame["night"])
