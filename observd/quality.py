@@ -58,6 +58,7 @@ from typing import Any
 import cv2
 import numpy as np
 import sep
+from numba import njit, prange
 from scipy.spatial import cKDTree
 
 __all__ = [
@@ -970,18 +971,6 @@ def _fit_moffat(
     n, s, _ = img.shape
     if n == 0:
         return np.zeros(0), np.zeros(0)
-    r = (s - 1) // 2
-    o = np.arange(-r, r + 1, dtype=np.float64)
-    dx = o[None, None, :] - dx0[:, None, None]
-    dy = o[None, :, None] - dy0[:, None, None]
-    # only pixels inside a circle of radius r carry information worth the cost
-    circ = ((o[None, :] ** 2 + o[:, None] ** 2) <= r * r).ravel()
-    full = (n, s, s)
-    dxx = np.broadcast_to(dx * dx, full).reshape(n, -1)[:, circ]
-    dyy = np.broadcast_to(dy * dy, full).reshape(n, -1)[:, circ]
-    dxy = (2.0 * dx * dy).reshape(n, -1)[:, circ]
-    m = img.reshape(n, -1)[:, circ]
-    wv = use.reshape(n, -1)[:, circ].astype(np.float64)
     cxx, cxy, cyy = cov
     det = cxx * cyy - cxy**2
     sane = np.isfinite(det) & (det > 1e-6) & (cxx > 0)
@@ -990,45 +979,10 @@ def _fit_moffat(
     det = cxx * cyy - cxy**2
     f = (2.0 ** (1.0 / beta0) - 1.0) / (2.0 * _LN2) / det
     p = np.stack([np.maximum(peak, 1e-6), f * cyy, -f * cxy, f * cxx, np.full(n, beta0)], axis=1)
-
-    def model(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        q = p[:, 1:2] * dxx + p[:, 2:3] * dxy + p[:, 3:4] * dyy
-        lq = np.log1p(np.maximum(q, -0.99))
-        base = np.exp(-p[:, 4:5] * lq)
-        return p[:, 0:1] * base, base, q, lq
-
-    mod, base, q, lq = model(p)
-    c_old = (wv * (m - mod) ** 2).sum(axis=1)
-    lam = np.full(n, 1e-2)
-    eye = np.eye(5)
-    for _ in range(iterations):
-        dq = (-p[:, 4:5] * mod / (1.0 + q)) * wv
-        j = np.stack([base * wv, dq * dxx, dq * dxy, dq * dyy, -mod * lq * wv], axis=1)
-        res = wv * (m - mod)
-        jtj = np.einsum("npm,nqm->npq", j, j)
-        g = np.einsum("npm,nm->np", j, res)
-        diag = np.einsum("npp->np", jtj)
-        a_mat = jtj + (lam[:, None] * diag + 1e-12)[:, :, None] * eye
-        try:
-            step = np.linalg.solve(a_mat, g[:, :, None])[:, :, 0]
-        except np.linalg.LinAlgError:  # a degenerate star spoils the batch: stop here
-            break
-        trial = p + step
-        trial[:, 4] = np.clip(trial[:, 4], 1.1, 40.0)
-        pd = (trial[:, 1] > 0) & (trial[:, 3] > 0) & (trial[:, 1] * trial[:, 3] > trial[:, 2] ** 2)
-        trial = np.where(pd[:, None], trial, p)
-        tmod, tbase, tq, tlq = model(trial)
-        c_new = np.where(pd, (wv * (m - tmod) ** 2).sum(axis=1), np.inf)
-        better = c_new < c_old
-        b = better[:, None]
-        p = np.where(b, trial, p)
-        mod, base = np.where(b, tmod, mod), np.where(b, tbase, base)
-        q, lq = np.where(b, tq, q), np.where(b, tlq, lq)
-        done = better & (c_old - c_new <= 1e-6 * c_old)
-        c_old = np.where(better, c_new, c_old)
-        lam = np.clip(np.where(better, lam / 3.0, lam * 4.0), 1e-7, 1e7)
-        if done.all():
-            break
+    p = np.ascontiguousarray(p, dtype=np.float64)
+    _moffat_kernel(np.ascontiguousarray(img, dtype=np.float64), np.ascontiguousarray(use),
+                   np.ascontiguousarray(dx0, dtype=np.float64),
+                   np.ascontiguousarray(dy0, dtype=np.float64), p, iterations)  # fmt: skip
     a, pxx, pxy, pyy, beta = (p[:, i] for i in range(5))
     l1, l2 = _eig2(pxx, pxy, pyy)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -1051,6 +1005,119 @@ def _fit_moffat(
         & (fwhm < 2.0 * s)
     )
     return np.where(ok, fwhm, NAN), np.where(ok, elong, NAN)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _moffat_kernel(img, use, dx0, dy0, p, iterations):  # pragma: no cover - compiled
+    """The Levenberg-Marquardt iterations of :func:`_fit_moffat`, in place on ``p``
+    (n, 5). Each star's pixels are those of its stamp inside a circle of radius r. All
+    stars step together and stop together (when each has converged in the same
+    iteration), as the batched numpy version did. Compiled by numba on first use
+    (cached on disk)."""
+    n, s = img.shape[0], img.shape[1]
+    r = (s - 1) // 2
+    lam = np.full(n, 1e-2)
+    c_old = np.empty(n)
+    done = np.zeros(n, dtype=np.bool_)
+    for i in prange(n):
+        c_old[i] = _moffat_chi2(img[i], use[i], dx0[i], dy0[i], p[i], r)
+    for _ in range(iterations):
+        for i in prange(n):
+            done[i] = _moffat_step(img[i], use[i], dx0[i], dy0[i], p[i], r, lam, c_old, i)
+        if done.all():
+            break
+
+
+@njit(cache=True, nogil=True)
+def _moffat_chi2(img, use, x0, y0, p, r):  # pragma: no cover - compiled
+    c = 0.0
+    for yy in range(-r, r + 1):
+        for xx in range(-r, r + 1):
+            if xx * xx + yy * yy > r * r or not use[yy + r, xx + r]:
+                continue
+            dx, dy = xx - x0, yy - y0
+            q = p[1] * dx * dx + p[2] * 2.0 * dx * dy + p[3] * dy * dy
+            mod = p[0] * np.exp(-p[4] * np.log1p(max(q, -0.99)))
+            c += (img[yy + r, xx + r] - mod) ** 2
+    return c
+
+
+@njit(cache=True, nogil=True)
+def _moffat_step(img, use, x0, y0, p, r, lam, c_old, i):  # pragma: no cover - compiled
+    """One damped Gauss-Newton step of star ``i``; True when it was taken and
+    improved chi-square by no more than 1e-6 of it (converged)."""
+    jtj = np.zeros((5, 5))
+    g = np.zeros(5)
+    jr = np.empty(5)
+    for yy in range(-r, r + 1):
+        for xx in range(-r, r + 1):
+            if xx * xx + yy * yy > r * r or not use[yy + r, xx + r]:
+                continue
+            dx, dy = xx - x0, yy - y0
+            dxx, dxy, dyy = dx * dx, 2.0 * dx * dy, dy * dy
+            q = p[1] * dxx + p[2] * dxy + p[3] * dyy
+            lq = np.log1p(max(q, -0.99))
+            base = np.exp(-p[4] * lq)
+            mod = p[0] * base
+            dq = -p[4] * mod / (1.0 + q)
+            jr[0], jr[1], jr[2], jr[3], jr[4] = base, dq * dxx, dq * dxy, dq * dyy, -mod * lq
+            res = img[yy + r, xx + r] - mod
+            for a in range(5):
+                g[a] += jr[a] * res
+                for b in range(a, 5):
+                    jtj[a, b] += jr[a] * jr[b]
+    for a in range(5):
+        for b in range(a):
+            jtj[a, b] = jtj[b, a]
+    for a in range(5):
+        jtj[a, a] += lam[i] * jtj[a, a] + 1e-12
+    step = _solve5(jtj, g)
+    if not np.isfinite(step).all():
+        return True  # a degenerate star: it stays where it is
+    trial = p + step
+    trial[4] = min(max(trial[4], 1.1), 40.0)
+    c_new = np.inf
+    if trial[1] > 0 and trial[3] > 0 and trial[1] * trial[3] > trial[2] ** 2:
+        c_new = _moffat_chi2(img, use, x0, y0, trial, r)
+    better = c_new < c_old[i]
+    converged = better and c_old[i] - c_new <= 1e-6 * c_old[i]
+    if better:
+        p[:] = trial
+        c_old[i] = c_new
+        lam[i] = max(lam[i] / 3.0, 1e-7)
+    else:
+        lam[i] = min(lam[i] * 4.0, 1e7)
+    return converged
+
+
+@njit(cache=True, nogil=True)
+def _solve5(a, b):  # pragma: no cover - compiled
+    """``a x = b`` for a small dense system: Gaussian elimination with partial pivoting
+    (``a`` and ``b`` are overwritten); NaN when singular."""
+    n = b.size
+    for k in range(n):
+        piv = k
+        for j in range(k + 1, n):
+            if abs(a[j, k]) > abs(a[piv, k]):
+                piv = j
+        if a[piv, k] == 0.0:
+            return np.full(n, np.nan)
+        if piv != k:
+            for c in range(n):
+                a[k, c], a[piv, c] = a[piv, c], a[k, c]
+            b[k], b[piv] = b[piv], b[k]
+        for j in range(k + 1, n):
+            f = a[j, k] / a[k, k]
+            for c in range(k, n):
+                a[j, c] -= f * a[k, c]
+            b[j] -= f * b[k]
+    x = np.empty(n)
+    for k in range(n - 1, -1, -1):
+        acc = b[k]
+        for c in range(k + 1, n):
+            acc -= a[k, c] * x[c]
+        x[k] = acc / a[k, k]
+    return x
 
 
 def _stacked_shape(
