@@ -9,7 +9,8 @@ each light is calibrated with the *true* bias, dark and flat through
 to ``measure``). Then ``measure`` of ``bench/quality_before.py`` (a verbatim copy of
 ``observd/quality.py`` before the speed work) and of ``observd.quality`` run
 alternately, ``--repeat`` times each, on the same frames: on a shared machine this is the
-fair comparison. Printed per size: the median ms of both, and of both the FWHM against
+fair comparison. Printed per size: the median wall ms of both (and CPU ms, all threads:
+steadier than the wall time on a shared machine), and of both the FWHM against
 the simulator's truth, the elongation, ``n_stars``, ``n_good``, and how many of the old
 returned stars the new ones find within 0.5 px (with the median offset).
 
@@ -89,6 +90,7 @@ def main() -> None:
         for size in args.sizes:
             lights = frames(Path(tmp) / str(size), size, args.lights)
             times: dict[str, list[float]] = {k: [] for k in versions}
+            cpu: dict[str, list[float]] = {k: [] for k in versions}
             results: dict[str, list[quality.Measurement]] = {k: [] for k in versions}
             for name, fn in versions.items():  # compile / warm up, untimed
                 for image, mask, _ in lights:
@@ -96,13 +98,15 @@ def main() -> None:
             for _ in range(args.repeat):
                 for name, fn in versions.items():
                     for image, mask, _ in lights:
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.process_time()
                         fn(image, mask=mask)
                         times[name].append(time.perf_counter() - t0)
+                        cpu[name].append(time.process_time() - c0)
             print(f"\n{size} px, {len(lights)} lights x {args.repeat} repeats "
                   f"(median ms per light; old and new interleaved)")  # fmt: skip
             for name in versions:
-                print(f"  {name}: {1e3 * statistics.median(times[name]):7.1f} ms")
+                wall, used = statistics.median(times[name]), statistics.median(cpu[name])
+                print(f"  {name}: {1e3 * wall:7.1f} ms (CPU {1e3 * used:7.1f} ms, all threads)")
             speedup = statistics.median(times["old"]) / statistics.median(times["new"])
             print(f"  speed-up {speedup:.2f}x")
             for i, (_, _, true_fwhm) in enumerate(lights):

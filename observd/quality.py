@@ -88,6 +88,8 @@ _SKY_SIDE = 512
 _SKY_MESH_PX = 128
 #: Minimum connected pixels above the threshold for a detection (as in SExtractor/sep).
 _MIN_AREA = 5
+#: Blocks of rows that ``_sources_kernel`` shares among its threads.
+_BLOCKS = 16
 #: The detection filter (SExtractor's default 3x3 "pyramid", normalised to sum 1).
 _KERNEL = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=F32) / F32(16.0)
 #: Aperture radius for fluxes, in units of the frame's median FWHM (Moffat beta=3: 96 %).
@@ -676,13 +678,13 @@ def _detect(
     )
 
     # isophotal flux and area per component, and its peaks (local maxima of the filter)
-    idx = np.flatnonzero(above)
-    lab = labels.ravel()[idx]
-    area = np.bincount(lab, minlength=n_lab)
-    iso = np.bincount(lab, weights=sub.ravel()[idx], minlength=n_lab)
-    fv = filt.ravel()[idx]
-    is_max = fv >= cv2.dilate(filt, np.ones((3, 3), np.uint8)).ravel()[idx]
-    plab, pval, ppos = lab[is_max], fv[is_max], idx[is_max]
+    rows = -(-above.shape[0] // _BLOCKS)
+    starts = np.zeros(_BLOCKS + 1, dtype=np.int64)
+    starts[1:] = np.cumsum([np.count_nonzero(above[i : i + rows])
+                            for i in range(0, rows * _BLOCKS, rows)])  # fmt: skip
+    area, iso, plab, pval, ppos = _sources_kernel(
+        above.view(np.uint8), labels, filt, sub, n_lab, starts
+    )
     o = np.lexsort((-pval, plab))
     plab, pval, ppos = plab[o], pval[o], ppos[o]
     first = np.ones(plab.size, dtype=bool)
@@ -714,6 +716,57 @@ def _detect(
         "snr": main_val[order] / (thresh[py, px] / detect_sigma),
         "peaks": (qx * binning + half, qy * binning + half, pval[sig]),
     }
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _sources_kernel(above, labels, filt, sub, n_lab, starts):  # pragma: no cover - compiled
+    """Area and isophotal flux (sum of ``sub``) of every component of ``labels``, and
+    its peaks: pixels whose filtered value is not below any of their 8 neighbours in
+    the frame, as (label, value, flat index), in raster order. One pass over the frame
+    in parallel blocks of rows (block ``b`` holds ``starts[b + 1] - starts[b]`` pixels
+    above the threshold) instead of a dozen over the pixels above the threshold.
+    Compiled by numba on first use (cached on disk)."""
+    h, w = labels.shape
+    nb = starts.size - 1
+    rows = (h + nb - 1) // nb
+    areas = np.zeros((nb, n_lab), dtype=np.int64)
+    isos = np.zeros((nb, n_lab))
+    plab = np.empty(starts[nb], dtype=np.int64)
+    pval = np.empty(starts[nb], dtype=filt.dtype)
+    ppos = np.empty(starts[nb], dtype=np.int64)
+    counts = np.zeros(nb, dtype=np.int64)
+    for blk in prange(nb):
+        k = starts[blk]
+        area, iso = areas[blk], isos[blk]
+        for y in range(blk * rows, min((blk + 1) * rows, h)):
+            y0, y1 = max(y - 1, 0), min(y + 2, h)
+            for x in range(w):
+                if not above[y, x]:
+                    continue
+                lab = labels[y, x]
+                area[lab] += 1
+                iso[lab] += sub[y, x]
+                v = filt[y, x]
+                x0, x1 = max(x - 1, 0), min(x + 2, w)
+                peak = True
+                for yy in range(y0, y1):
+                    for xx in range(x0, x1):
+                        if filt[yy, xx] > v:
+                            peak = False
+                            break
+                    if not peak:
+                        break
+                if peak:
+                    plab[k], pval[k], ppos[k] = lab, v, y * w + x
+                    k += 1
+        counts[blk] = k - starts[blk]
+    n = 0
+    for blk in range(nb):  # the peaks of the blocks, one after the other
+        for j in range(counts[blk]):
+            src = starts[blk] + j
+            plab[n], pval[n], ppos[n] = plab[src], pval[src], ppos[src]
+            n += 1
+    return areas.sum(axis=0), isos.sum(axis=0), plab[:n], pval[:n], ppos[:n]
 
 
 def _sky(
@@ -1010,62 +1063,73 @@ def _fit_moffat(
 @njit(cache=True, nogil=True, parallel=True)
 def _moffat_kernel(img, use, dx0, dy0, p, iterations):  # pragma: no cover - compiled
     """The Levenberg-Marquardt iterations of :func:`_fit_moffat`, in place on ``p``
-    (n, 5). Each star's pixels are those of its stamp inside a circle of radius r. All
-    stars step together and stop together (when each has converged in the same
+    (n, 5). Each star's pixels are the valid ones of its stamp inside a circle of radius
+    r. All stars step together and stop together (when each has converged in the same
     iteration), as the batched numpy version did. Compiled by numba on first use
     (cached on disk)."""
     n, s = img.shape[0], img.shape[1]
     r = (s - 1) // 2
+    m = 0
+    for yy in range(-r, r + 1):
+        for xx in range(-r, r + 1):
+            m += xx * xx + yy * yy <= r * r
+    ox, oy = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
+    k = 0
+    for yy in range(-r, r + 1):
+        for xx in range(-r, r + 1):
+            if xx * xx + yy * yy <= r * r:
+                ox[k], oy[k] = xx, yy
+                k += 1
+    # the model's pieces at the current parameters (0) and at the trial ones (1)
+    base, q, lq = np.empty((2, n, m)), np.empty((2, n, m)), np.empty((2, n, m))
     lam = np.full(n, 1e-2)
     c_old = np.empty(n)
     done = np.zeros(n, dtype=np.bool_)
     for i in prange(n):
-        c_old[i] = _moffat_chi2(img[i], use[i], dx0[i], dy0[i], p[i], r)
+        c_old[i] = _moffat_eval(img[i], use[i], dx0[i], dy0[i], p[i], r, ox, oy,
+                                base[0, i], q[0, i], lq[0, i])  # fmt: skip
     for _ in range(iterations):
         for i in prange(n):
-            done[i] = _moffat_step(img[i], use[i], dx0[i], dy0[i], p[i], r, lam, c_old, i)
+            done[i] = _moffat_step(img[i], use[i], dx0[i], dy0[i], p[i], r, ox, oy,
+                                   base[:, i], q[:, i], lq[:, i], lam, c_old, i)  # fmt: skip
         if done.all():
             break
 
 
 @njit(cache=True, nogil=True)
-def _moffat_chi2(img, use, x0, y0, p, r):  # pragma: no cover - compiled
+def _moffat_eval(img, use, x0, y0, p, r, ox, oy, base, q, lq):  # pragma: no cover
+    """Chi-square of the model ``p``, keeping its pieces in ``base``, ``q``, ``lq``."""
     c = 0.0
-    for yy in range(-r, r + 1):
-        for xx in range(-r, r + 1):
-            if xx * xx + yy * yy > r * r or not use[yy + r, xx + r]:
-                continue
-            dx, dy = xx - x0, yy - y0
-            q = p[1] * dx * dx + p[2] * 2.0 * dx * dy + p[3] * dy * dy
-            mod = p[0] * np.exp(-p[4] * np.log1p(max(q, -0.99)))
-            c += (img[yy + r, xx + r] - mod) ** 2
+    for k in range(ox.size):
+        dx, dy = ox[k] - x0, oy[k] - y0
+        q[k] = p[1] * dx * dx + p[2] * (2.0 * dx * dy) + p[3] * dy * dy
+        lq[k] = np.log1p(max(q[k], -0.99))
+        base[k] = np.exp(-p[4] * lq[k])
+        if use[oy[k] + r, ox[k] + r]:
+            c += (img[oy[k] + r, ox[k] + r] - p[0] * base[k]) ** 2
     return c
 
 
 @njit(cache=True, nogil=True)
-def _moffat_step(img, use, x0, y0, p, r, lam, c_old, i):  # pragma: no cover - compiled
+def _moffat_step(img, use, x0, y0, p, r, ox, oy, base, q, lq, lam, c_old, i):  # pragma: no cover
     """One damped Gauss-Newton step of star ``i``; True when it was taken and
     improved chi-square by no more than 1e-6 of it (converged)."""
     jtj = np.zeros((5, 5))
     g = np.zeros(5)
     jr = np.empty(5)
-    for yy in range(-r, r + 1):
-        for xx in range(-r, r + 1):
-            if xx * xx + yy * yy > r * r or not use[yy + r, xx + r]:
-                continue
-            dx, dy = xx - x0, yy - y0
-            dxx, dxy, dyy = dx * dx, 2.0 * dx * dy, dy * dy
-            q = p[1] * dxx + p[2] * dxy + p[3] * dyy
-            lq = np.log1p(max(q, -0.99))
-            base = np.exp(-p[4] * lq)
-            mod = p[0] * base
-            dq = -p[4] * mod / (1.0 + q)
-            jr[0], jr[1], jr[2], jr[3], jr[4] = base, dq * dxx, dq * dxy, dq * dyy, -mod * lq
-            res = img[yy + r, xx + r] - mod
-            for a in range(5):
-                g[a] += jr[a] * res
-                for b in range(a, 5):
-                    jtj[a, b] += jr[a] * jr[b]
+    for k in range(ox.size):
+        if not use[oy[k] + r, ox[k] + r]:
+            continue
+        dx, dy = ox[k] - x0, oy[k] - y0
+        mod = p[0] * base[0, k]
+        dq = -p[4] * mod / (1.0 + q[0, k])
+        jr[0], jr[1], jr[2] = base[0, k], dq * (dx * dx), dq * (2.0 * dx * dy)
+        jr[3], jr[4] = dq * (dy * dy), -mod * lq[0, k]
+        res = img[oy[k] + r, ox[k] + r] - mod
+        for a in range(5):
+            g[a] += jr[a] * res
+            for b in range(a, 5):
+                jtj[a, b] += jr[a] * jr[b]
     for a in range(5):
         for b in range(a):
             jtj[a, b] = jtj[b, a]
@@ -1078,11 +1142,12 @@ def _moffat_step(img, use, x0, y0, p, r, lam, c_old, i):  # pragma: no cover - c
     trial[4] = min(max(trial[4], 1.1), 40.0)
     c_new = np.inf
     if trial[1] > 0 and trial[3] > 0 and trial[1] * trial[3] > trial[2] ** 2:
-        c_new = _moffat_chi2(img, use, x0, y0, trial, r)
+        c_new = _moffat_eval(img, use, x0, y0, trial, r, ox, oy, base[1], q[1], lq[1])
     better = c_new < c_old[i]
     converged = better and c_old[i] - c_new <= 1e-6 * c_old[i]
     if better:
         p[:] = trial
+        base[0, :], q[0, :], lq[0, :] = base[1], q[1], lq[1]
         c_old[i] = c_new
         lam[i] = max(lam[i] / 3.0, 1e-7)
     else:
