@@ -682,8 +682,9 @@ def _detect(
     starts = np.zeros(_BLOCKS + 1, dtype=np.int64)
     starts[1:] = np.cumsum([np.count_nonzero(above[i : i + rows])
                             for i in range(0, rows * _BLOCKS, rows)])  # fmt: skip
+    peak = cv2.dilate(filt, np.ones((3, 3), np.uint8))
     area, iso, plab, pval, ppos = _sources_kernel(
-        above.view(np.uint8), labels, filt, sub, n_lab, starts
+        above.view(np.uint8), labels, filt, peak, sub, n_lab, starts
     )
     o = np.lexsort((-pval, plab))
     plab, pval, ppos = plab[o], pval[o], ppos[o]
@@ -719,13 +720,13 @@ def _detect(
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _sources_kernel(above, labels, filt, sub, n_lab, starts):  # pragma: no cover - compiled
+def _sources_kernel(above, labels, filt, peak, sub, n_lab, starts):  # pragma: no cover
     """Area and isophotal flux (sum of ``sub``) of every component of ``labels``, and
-    its peaks: pixels whose filtered value is not below any of their 8 neighbours in
-    the frame, as (label, value, flat index), in raster order. One pass over the frame
-    in parallel blocks of rows (block ``b`` holds ``starts[b + 1] - starts[b]`` pixels
-    above the threshold) instead of a dozen over the pixels above the threshold.
-    Compiled by numba on first use (cached on disk)."""
+    its peaks: pixels where the filtered image reaches ``peak`` (its 3x3 maximum), as
+    (label, value, flat index), in raster order. One pass over the frame in parallel
+    blocks of rows (block ``b`` holds ``starts[b + 1] - starts[b]`` pixels above the
+    threshold; ``above`` is skipped 8 bytes at a time) instead of a dozen over the
+    pixels above the threshold. Compiled by numba on first use (cached on disk)."""
     h, w = labels.shape
     nb = starts.size - 1
     rows = (h + nb - 1) // nb
@@ -735,30 +736,26 @@ def _sources_kernel(above, labels, filt, sub, n_lab, starts):  # pragma: no cove
     pval = np.empty(starts[nb], dtype=filt.dtype)
     ppos = np.empty(starts[nb], dtype=np.int64)
     counts = np.zeros(nb, dtype=np.int64)
+    w8 = w // 8
     for blk in prange(nb):
         k = starts[blk]
         area, iso = areas[blk], isos[blk]
         for y in range(blk * rows, min((blk + 1) * rows, h)):
-            y0, y1 = max(y - 1, 0), min(y + 2, h)
-            for x in range(w):
-                if not above[y, x]:
+            row = above[y]
+            words = row[: 8 * w8].view(np.uint64)
+            for j in range(w8 + 1):
+                if j < w8 and words[j] == 0:
                     continue
-                lab = labels[y, x]
-                area[lab] += 1
-                iso[lab] += sub[y, x]
-                v = filt[y, x]
-                x0, x1 = max(x - 1, 0), min(x + 2, w)
-                peak = True
-                for yy in range(y0, y1):
-                    for xx in range(x0, x1):
-                        if filt[yy, xx] > v:
-                            peak = False
-                            break
-                    if not peak:
-                        break
-                if peak:
-                    plab[k], pval[k], ppos[k] = lab, v, y * w + x
-                    k += 1
+                for x in range(8 * j, min(8 * j + 8, w)):
+                    if not row[x]:
+                        continue
+                    lab = labels[y, x]
+                    area[lab] += 1
+                    iso[lab] += sub[y, x]
+                    v = filt[y, x]
+                    if v >= peak[y, x]:
+                        plab[k], pval[k], ppos[k] = lab, v, y * w + x
+                        k += 1
         counts[blk] = k - starts[blk]
     n = 0
     for blk in range(nb):  # the peaks of the blocks, one after the other
