@@ -577,6 +577,10 @@ def _bin_mask(bad: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return bad
     h, w = bad.shape[0] // factor, bad.shape[1] // factor
+    if factor == 2 and bad.shape[1] % 2 == 0 and bad.flags.c_contiguous:
+        # each pair of columns is one uint16: two ORs of whole rows, four times faster
+        pairs = bad[: 2 * h].view(np.uint16)
+        return (pairs[0::2] | pairs[1::2]) != 0
     b = bad[: factor * h, : factor * w]
     out = b[0::factor, 0::factor].copy()
     for i in range(factor):  # strided ORs: several times faster than any(axis=...)
@@ -980,7 +984,8 @@ def _tree(det: Mapping[str, Any]) -> cKDTree:
     """The KD-tree of every significant peak (built once per frame, kept in ``det``)."""
     t = det.get("_tree")
     if t is None:
-        t = cKDTree(np.column_stack(det["peaks"][:2]))
+        # unbalanced: a third of the build time, the same neighbours
+        t = cKDTree(np.column_stack(det["peaks"][:2]), balanced_tree=False, compact_nodes=False)
         det["_tree"] = t  # type: ignore[index]
     return t
 
