@@ -687,17 +687,9 @@ def _detect(
     starts[1:] = np.cumsum([np.count_nonzero(above[i : i + rows])
                             for i in range(0, rows * _BLOCKS, rows)])  # fmt: skip
     peak = cv2.dilate(filt, np.ones((3, 3), np.uint8))
-    area, iso, plab, pval, ppos = _sources_kernel(
+    area, iso, plab, pval, ppos, main_val, main_pos = _sources_kernel(
         above.view(np.uint8), labels, filt, peak, sub, n_lab, starts
     )
-    o = np.lexsort((-pval, plab))
-    plab, pval, ppos = plab[o], pval[o], ppos[o]
-    first = np.ones(plab.size, dtype=bool)
-    first[1:] = plab[1:] != plab[:-1]
-    main_val = np.zeros(n_lab)
-    main_pos = np.zeros(n_lab, dtype=np.int64)
-    main_val[plab[first]] = pval[first]
-    main_pos[plab[first]] = ppos[first]
 
     real = np.flatnonzero((area >= _MIN_AREA) & (np.arange(n_lab) > 0) & (main_val > 0))
     order = real[np.argsort(-iso[real], kind="stable")]
@@ -727,7 +719,8 @@ def _detect(
 def _sources_kernel(above, labels, filt, peak, sub, n_lab, starts):  # pragma: no cover
     """Area and isophotal flux (sum of ``sub``) of every component of ``labels``, and
     its peaks: pixels where the filtered image reaches ``peak`` (its 3x3 maximum), as
-    (label, value, flat index), in raster order. One pass over the frame in parallel
+    (label, value, flat index), in raster order, and the main (highest, then first)
+    peak's value and flat index per component. One pass over the frame in parallel
     blocks of rows (block ``b`` holds ``starts[b + 1] - starts[b]`` pixels above the
     threshold; ``above`` is skipped 8 bytes at a time) instead of a dozen over the
     pixels above the threshold. Compiled by numba on first use (cached on disk)."""
@@ -762,12 +755,20 @@ def _sources_kernel(above, labels, filt, peak, sub, n_lab, starts):  # pragma: n
                         k += 1
         counts[blk] = k - starts[blk]
     n = 0
+    main_val = np.zeros(n_lab)
+    main_pos = np.zeros(n_lab, dtype=np.int64)
+    seen = np.zeros(n_lab, dtype=np.bool_)
     for blk in range(nb):  # the peaks of the blocks, one after the other
         for j in range(counts[blk]):
             src = starts[blk] + j
-            plab[n], pval[n], ppos[n] = plab[src], pval[src], ppos[src]
+            lab, v = plab[src], pval[src]
+            plab[n], pval[n], ppos[n] = lab, v, ppos[src]
+            if not seen[lab] or v > main_val[lab]:  # the first of the highest
+                seen[lab] = True
+                main_val[lab], main_pos[lab] = v, ppos[src]
             n += 1
-    return areas.sum(axis=0), isos.sum(axis=0), plab[:n], pval[:n], ppos[:n]
+    return (areas.sum(axis=0), isos.sum(axis=0), plab[:n], pval[:n], ppos[:n],
+            main_val, main_pos)  # fmt: skip
 
 
 def _sky(
