@@ -784,9 +784,9 @@ def _sky(
     sep's estimator again on the subsample, with the detections (grown by 2 subsample
     px) masked: the first pass saw the wings of stars and of the galaxy, and read 1-4 %
     high in a dark filter. The subsample takes every ``step``-th pixel, the detection
-    image bins by ``binning``. Only the two global numbers are wanted: with 1024 samples
-    per mesh cell (a large frame, see :func:`_sky_sampling`) every other sample of the
-    subsample is enough (256 per cell).
+    image bins by ``binning``. Only the two global numbers are wanted: on a large frame
+    (see :func:`_sky_sampling`) every other sample of the subsample is enough, in mesh
+    cells of 16 x 16 samples (the median of a few hundred cells).
     """
     if step >= binning:
         objs = above[:: step // binning, :: step // binning]
@@ -801,8 +801,8 @@ def _sky(
         objs = grown
     if samp_bad is not None:
         objs |= samp_bad[:h, :w]
-    if mesh >= 32 and samp.size * step * step >= _SKY_BIG_PIXELS:
-        samp, objs, mesh = samp[::2, ::2], objs[::2, ::2], mesh // 2
+    if samp.size * step * step >= _SKY_BIG_PIXELS:
+        samp, objs, mesh = samp[::2, ::2], objs[::2, ::2], min(mesh, 16)
         samp, objs = np.ascontiguousarray(samp), np.ascontiguousarray(objs)
     try:
         b = sep.Background(samp, mask=objs, bw=mesh, bh=mesh, fw=3, fh=3)
