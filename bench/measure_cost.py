@@ -1,6 +1,6 @@
 """quality.measure, before and after issue #7's speed work, interleaved in one process.
 
-Usage: python bench/measure_cost.py [--sizes 2048 4096] [--repeat 7] [--lights 2]
+Usage: python bench/measure_cost.py [--sizes 2048 4096] [--repeat 7] [--lights 2] [--check]
 
 For each size a small night is simulated (one target, one filter, ``--lights`` lights
 with the simulator's seeing of ~3 px FWHM, Moffat beta 3, cosmic rays and hot pixels) and
@@ -13,6 +13,10 @@ fair comparison. Printed per size: the median wall ms of both (and CPU ms, all t
 steadier than the wall time on a shared machine), and of both the FWHM against
 the simulator's truth, the elongation, ``n_stars``, ``n_good``, and how many of the old
 returned stars the new ones find within 0.5 px (with the median offset).
+
+``--check`` exits with status 1 unless, on every light, the new FWHM is within 2 % of
+the simulator's truth, the new ``n_stars`` within 1 % of the old, the elongations agree
+to 0.01 and the new stars hold >= 98 % of the old returned ones within 0.5 px.
 
 The first call of each version compiles numba kernels (cached on disk afterwards) and is
 not timed. :func:`observd.memory.keep_freed_memory` is called first, as the pipeline does.
@@ -81,7 +85,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--lights", type=int, default=2)
+    parser.add_argument("--check", action="store_true", help="exit 1 when accuracy slips")
     args = parser.parse_args()
+    failures: list[str] = []
     setup_logging("WARNING")
     memory.keep_freed_memory()
     old_q = _old_quality()
@@ -122,6 +128,27 @@ def main() -> None:
                 frac, off = compare(results["old"][i], results["new"][i])
                 print(f"    old stars found by new within 0.5 px: {100 * frac:.1f} %"
                       f" (median offset {off:.3f} px)")  # fmt: skip
+                failures += check(results["old"][i], results["new"][i], true_fwhm, frac,
+                                  f"{size} px light {i + 1}")  # fmt: skip
+    if args.check:
+        print("\ncheck: " + ("; ".join(failures) if failures else "ok"))
+        if failures:
+            sys.exit(1)
+
+
+def check(old: quality.Measurement, new: quality.Measurement, true_fwhm: float,
+          found: float, where: str) -> list[str]:
+    """What ``--check`` objects to in one light (empty: nothing)."""
+    out = []
+    if not abs(new.fwhm / true_fwhm - 1) <= 0.02:
+        out.append(f"{where}: FWHM {new.fwhm:.3f} px, truth {true_fwhm:.3f} px")
+    if not abs(new.n_stars / max(old.n_stars, 1) - 1) <= 0.01:
+        out.append(f"{where}: n_stars {new.n_stars}, old {old.n_stars}")
+    if not abs(new.elongation - old.elongation) <= 0.01:
+        out.append(f"{where}: elongation {new.elongation:.3f}, old {old.elongation:.3f}")
+    if not found >= 0.98:
+        out.append(f"{where}: {100 * found:.1f} % of the old stars found")
+    return out
 
 
 if __name__ == "__main__":
