@@ -830,18 +830,35 @@ def _stamps(
     data: np.ndarray, bad: np.ndarray | None, xc: np.ndarray, yc: np.ndarray, r: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Square stamps of half-size ``r`` around the rounded centres: values, a validity
-    mask (inside the frame and not bad), and the integer centres."""
-    ny, nx = data.shape
+    mask (inside the frame and not bad), and the integer centres. Outside the frame the
+    values are those of the nearest edge pixel (and not valid)."""
     ix, iy = np.rint(xc).astype(np.int64), np.rint(yc).astype(np.int64)
-    o = np.arange(-r, r + 1)
-    rows, cols = iy[:, None] + o, ix[:, None] + o
-    rin, cin = (rows >= 0) & (rows < ny), (cols >= 0) & (cols < nx)
-    rows, cols = np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)
-    vals = data[rows[:, :, None], cols[:, None, :]]
-    valid = rin[:, :, None] & cin[:, None, :]
-    if bad is not None:
-        valid &= ~bad[rows[:, :, None], cols[:, None, :]]
+    none = np.zeros((0, 0), dtype=bool)
+    vals, valid = _stamps_kernel(data, none if bad is None else bad, ix, iy, r)
     return vals, valid, ix, iy
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _stamps_kernel(data, bad, ix, iy, r):  # pragma: no cover - compiled
+    """The gather of :func:`_stamps` (``bad`` of size 0: nothing is bad), stars in
+    parallel: one fancy-indexing gather of the frame and one of the mask cost several
+    times more. Compiled by numba on first use (cached on disk)."""
+    ny, nx = data.shape
+    n, s = ix.size, 2 * r + 1
+    has_bad = bad.size > 0
+    vals = np.empty((n, s, s), dtype=data.dtype)
+    valid = np.empty((n, s, s), dtype=np.bool_)
+    for i in prange(n):
+        for a in range(s):
+            y = iy[i] + a - r
+            yc = min(max(y, 0), ny - 1)
+            for b in range(s):
+                x = ix[i] + b - r
+                xc = min(max(x, 0), nx - 1)
+                vals[i, a, b] = data[yc, xc]
+                ok = 0 <= y < ny and 0 <= x < nx
+                valid[i, a, b] = ok and not (has_bad and bad[yc, xc])
+    return vals, valid
 
 
 def _refine(
@@ -896,28 +913,7 @@ def _refine(
 
     # Gaussian-windowed centroid and second moments; the window is separable
     sw2 = max(fw_guess / 2.3548, 0.8) ** 2
-    pos = np.clip(img, 0.0, None)
-    x0 = np.zeros(n)
-    y0 = np.zeros(n)
-    for _ in range(5):
-        wx = np.exp(-0.5 * (o[None, :] - x0[:, None]) ** 2 / sw2)
-        wy = np.exp(-0.5 * (o[None, :] - y0[:, None]) ** 2 / sw2)
-        row = np.einsum("nyx,nx->ny", pos, wx)  # window in x applied
-        col = np.einsum("nyx,ny->nx", pos, wy)
-        tot = np.einsum("ny,ny->n", row, wy)
-        tot = np.where(tot > 0, tot, 1.0)
-        x0 = np.clip(np.einsum("nx,nx,x->n", col, wx, o) / tot, -r / 2, r / 2)
-        y0 = np.clip(np.einsum("ny,ny,y->n", row, wy, o) / tot, -r / 2, r / 2)
-    wx = np.exp(-0.5 * (o[None, :] - x0[:, None]) ** 2 / sw2)
-    wy = np.exp(-0.5 * (o[None, :] - y0[:, None]) ** 2 / sw2)
-    dxo, dyo = o[None, :] - x0[:, None], o[None, :] - y0[:, None]
-    row = np.einsum("nyx,nx->ny", pos, wx)
-    col = np.einsum("nyx,ny->nx", pos, wy)
-    tot = np.einsum("ny,ny->n", row, wy)
-    tot = np.where(tot > 0, tot, 1.0)
-    mxx = np.einsum("nx,nx->n", col, wx * dxo**2) / tot
-    myy = np.einsum("ny,ny->n", row, wy * dyo**2) / tot
-    mxy = np.einsum("nyx,ny,nx->n", pos, wy * dyo, wx * dxo) / tot
+    x0, y0, mxx, myy, mxy = _moments_kernel(img, sw2, 5)
     # undo the window (exact for a Gaussian): C = (M^-1 - W^-1)^-1
     det_m = mxx * myy - mxy**2
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -979,6 +975,54 @@ def _refine(
         "use": use,
         "r": r,
     }
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _moments_kernel(img, sw2, iterations):  # pragma: no cover - compiled
+    """Gaussian-windowed centroids (``iterations`` re-centrings of the window, each
+    within half a stamp of the centre) and second moments of the stamps ``img`` (n, s,
+    s; negative pixels count as 0), the window of variance ``sw2`` being separable.
+    Stars in parallel. Compiled by numba on first use (cached on disk)."""
+    n, s = img.shape[0], img.shape[1]
+    r = (s - 1) // 2
+    x0, y0 = np.zeros(n), np.zeros(n)
+    mxx, myy, mxy = np.empty(n), np.empty(n), np.empty(n)
+    for i in prange(n):
+        pos = np.maximum(img[i], 0.0)
+        wx, wy = np.empty(s), np.empty(s)
+        row, col = np.empty(s), np.empty(s)
+        for it in range(iterations + 1):
+            for k in range(s):
+                wx[k] = np.exp(-0.5 * (k - r - x0[i]) ** 2 / sw2)
+                wy[k] = np.exp(-0.5 * (k - r - y0[i]) ** 2 / sw2)
+            row[:] = 0.0
+            col[:] = 0.0
+            for yy in range(s):
+                for xx in range(s):
+                    row[yy] += pos[yy, xx] * wx[xx]
+                    col[xx] += pos[yy, xx] * wy[yy]
+            tot = 0.0
+            for k in range(s):
+                tot += row[k] * wy[k]
+            if not tot > 0:
+                tot = 1.0
+            if it == iterations:  # the moments about the final centre
+                sxx, syy, sxy = 0.0, 0.0, 0.0
+                for k in range(s):
+                    sxx += col[k] * wx[k] * (k - r - x0[i]) ** 2
+                    syy += row[k] * wy[k] * (k - r - y0[i]) ** 2
+                for yy in range(s):
+                    for xx in range(s):
+                        sxy += pos[yy, xx] * wy[yy] * (yy - r - y0[i]) * wx[xx] * (xx - r - x0[i])
+                mxx[i], myy[i], mxy[i] = sxx / tot, syy / tot, sxy / tot
+                break
+            cx, cy = 0.0, 0.0
+            for k in range(s):
+                cx += col[k] * wx[k] * (k - r)
+                cy += row[k] * wy[k] * (k - r)
+            x0[i] = min(max(cx / tot, -r / 2), r / 2)
+            y0[i] = min(max(cy / tot, -r / 2), r / 2)
+    return x0, y0, mxx, myy, mxy
 
 
 def _tree(det: Mapping[str, Any]) -> cKDTree:
