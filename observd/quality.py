@@ -697,23 +697,23 @@ def _detect(
     size = (small.shape[1], small.shape[0])
     back = cv2.resize(sky["back"], size, interpolation=cv2.INTER_LINEAR)
     rms_map = cv2.resize(sky["rms"], size, interpolation=cv2.INTER_LINEAR)
-    if binning > 1:
-        rms_map *= F32(1.0 / binning)  # a mean of binning^2 independent pixels
-    sub = small - back
-    if det_bad is not None:
-        sub[det_bad] = 0.0
     k1, knorm = _kernel(kernel_fwhm)
-    if k1 is None:
-        filt = cv2.filter2D(sub, -1, _KERNEL, borderType=cv2.BORDER_REPLICATE)
+    bad_k = np.zeros((0, 0), dtype=bool) if det_bad is None else det_bad
+    sub = _subtract_kernel(small, back, bad_k)
+    if k1 is None:  # the 3x3 pyramid: filtered and thresholded in one pass
+        filt = np.zeros((0, 0), dtype=F32)
     else:
         filt = cv2.sepFilter2D(sub, -1, k1, k1, borderType=cv2.BORDER_REPLICATE)
-    thresh = rms_map
-    thresh *= F32(detect_sigma * knorm)
-    above = filt > thresh
-    if det_bad is not None:
-        above &= ~det_bad
+    gain, factor = F32(1.0 / binning), F32(detect_sigma * knorm)
+    filt, above = _threshold_kernel(sub, filt, rms_map, gain, factor, bad_k, _KERNEL)
+
+    def thresh(flat: np.ndarray) -> np.ndarray:
+        """The threshold at flat indices: the noise of a binned pixel (a mean of
+        binning^2 independent pixels) times ``detect_sigma`` and the filter's gain."""
+        return (rms_map.ravel()[flat] * gain) * factor
+
     n_lab, labels = cv2.connectedComponentsWithAlgorithm(
-        above.view(np.uint8), 8, cv2.CV_32S, cv2.CCL_SPAGHETTI
+        above, 8, cv2.CV_32S, cv2.CCL_SPAGHETTI
     )
     background, rms = _sky(
         sky["samp"], sky["samp_bad"], above, sky["step"], binning, sky["mesh"]
@@ -724,16 +724,15 @@ def _detect(
     starts = np.zeros(_BLOCKS + 1, dtype=np.int64)
     starts[1:] = np.cumsum([np.count_nonzero(above[i : i + rows])
                             for i in range(0, rows * _BLOCKS, rows)])  # fmt: skip
-    peak = cv2.dilate(filt, np.ones((3, 3), np.uint8))
     area, iso, plab, pval, ppos, main_val, main_pos = _sources_kernel(
-        above.view(np.uint8), labels, filt, peak, sub, n_lab, starts
+        above, labels, filt, sub, n_lab, starts
     )
 
     real = np.flatnonzero((area >= _MIN_AREA) & (np.arange(n_lab) > 0) & (main_val > 0))
     order = real[np.argsort(-iso[real], kind="stable")]
     py, px = np.divmod(main_pos[order], small.shape[1])
     # every significant peak, secondary ones of merged stars included, for isolation
-    sig = (pval >= 0.05 * main_val[plab]) & (pval >= 2.0 * thresh.ravel()[ppos])
+    sig = (pval >= 0.05 * main_val[plab]) & (pval >= 2.0 * thresh(ppos))
     qy, qx = np.divmod(ppos[sig], small.shape[1])
     half = (binning - 1) / 2.0
     return {
@@ -748,15 +747,93 @@ def _detect(
         "flux": iso[order] * binning * binning,
         "peak_f": main_val[order],
         # filtered peak over the filtered noise: the significance of each source
-        "snr": main_val[order] / (thresh[py, px] / detect_sigma),
+        "snr": main_val[order] / (thresh(main_pos[order]) / detect_sigma),
         "peaks": (qx * binning + half, qy * binning + half, pval[sig]),
     }
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _sources_kernel(above, labels, filt, peak, sub, n_lab, starts):  # pragma: no cover
+def _subtract_kernel(small, back, bad):  # pragma: no cover - compiled
+    """``small - back``, 0 where ``bad`` (of size 0: nothing is bad); rows in parallel.
+    Compiled by numba on first use (cached on disk)."""
+    h, w = small.shape
+    has_bad = bad.size > 0
+    sub = np.empty((h, w), dtype=np.float32)
+    for y in prange(h):
+        for x in range(w):
+            sub[y, x] = 0.0 if has_bad and bad[y, x] else small[y, x] - back[y, x]
+    return sub
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _threshold_kernel(sub, filt, rms, gain, factor, bad, kernel):  # pragma: no cover
+    """The filtered image and a code per pixel: 0 below the threshold, 1 above it
+    (``filt > rms * gain * factor`` in float32, as numpy did, and not ``bad``), 2 above
+    it and a peak (not below any of its 8 neighbours in the frame). ``filt`` of size 0:
+    filtered here with the 3x3 ``kernel`` (edge pixels replicated, taps summed in row
+    order as OpenCV's filter2D does: bit for bit the same), in the same pass. Rows in
+    parallel. Compiled by numba on first use (cached on disk)."""
+    h, w = sub.shape
+    has_bad = bad.size > 0
+    own = filt.size == 0
+    out = np.empty((h, w), dtype=np.float32) if own else filt
+    above = np.empty((h, w), dtype=np.uint8)
+    for y in prange(h):
+        if own:
+            r0, r1, r2 = sub[max(y - 1, 0)], sub[y], sub[min(y + 1, h - 1)]
+            o = out[y]
+            _filter_row(r0, r1, r2, o, kernel, 0, min(w, 1))
+            for x in range(1, w - 1):  # the interior: no clamping, vectorised
+                acc = kernel[0, 0] * r0[x - 1]
+                acc += kernel[0, 1] * r0[x]
+                acc += kernel[0, 2] * r0[x + 1]
+                acc += kernel[1, 0] * r1[x - 1]
+                acc += kernel[1, 1] * r1[x]
+                acc += kernel[1, 2] * r1[x + 1]
+                acc += kernel[2, 0] * r2[x - 1]
+                acc += kernel[2, 1] * r2[x]
+                acc += kernel[2, 2] * r2[x + 1]
+                o[x] = acc
+            _filter_row(r0, r1, r2, o, kernel, max(w - 1, 1), w)
+        for x in range(w):
+            above[y, x] = out[y, x] > (rms[y, x] * gain) * factor
+        if has_bad:
+            for x in range(w):
+                above[y, x] &= not bad[y, x]
+    for y in prange(h):  # local maxima (not below any of the 8 neighbours) get a 2
+        f0, f1, f2 = out[max(y - 1, 0)], out[y], out[min(y + 1, h - 1)]
+        cmax = np.empty(w, dtype=np.float32)
+        for x in range(w):
+            cmax[x] = max(max(f0[x], f1[x]), f2[x])
+        for x in range(w):
+            m = max(max(cmax[max(x - 1, 0)], cmax[x]), cmax[min(x + 1, w - 1)])
+            above[y, x] += above[y, x] & (f1[x] >= m)
+    return out, above
+
+
+@njit(cache=True, nogil=True)
+def _filter_row(r0, r1, r2, out, kernel, start, stop):  # pragma: no cover - compiled
+    """The 3x3 filter of :func:`_threshold_kernel` at columns ``start:stop`` of a row,
+    with the edge columns replicated."""
+    w = r1.size
+    for x in range(start, stop):
+        x0, x2 = max(x - 1, 0), min(x + 1, w - 1)
+        acc = kernel[0, 0] * r0[x0]
+        acc += kernel[0, 1] * r0[x]
+        acc += kernel[0, 2] * r0[x2]
+        acc += kernel[1, 0] * r1[x0]
+        acc += kernel[1, 1] * r1[x]
+        acc += kernel[1, 2] * r1[x2]
+        acc += kernel[2, 0] * r2[x0]
+        acc += kernel[2, 1] * r2[x]
+        acc += kernel[2, 2] * r2[x2]
+        out[x] = acc
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _sources_kernel(above, labels, filt, sub, n_lab, starts):  # pragma: no cover
     """Area and isophotal flux (sum of ``sub``) of every component of ``labels``, and
-    its peaks: pixels where the filtered image reaches ``peak`` (its 3x3 maximum), as
+    its peaks (code 2 in ``above``, see :func:`_threshold_kernel`), as
     (label, value, flat index), in raster order, and the main (highest, then first)
     peak's value and flat index per component. One pass over the frame in parallel
     blocks of rows (block ``b`` holds ``starts[b + 1] - starts[b]`` pixels above the
@@ -788,7 +865,7 @@ def _sources_kernel(above, labels, filt, peak, sub, n_lab, starts):  # pragma: n
                     area[lab] += 1
                     iso[lab] += sub[y, x]
                     v = filt[y, x]
-                    if v >= peak[y, x]:
+                    if row[x] == 2:
                         plab[k], pval[k], ppos[k] = lab, v, y * w + x
                         k += 1
         counts[blk] = k - starts[blk]
@@ -832,7 +909,7 @@ def _sky(
         f = binning // step
         objs = np.repeat(np.repeat(above, f, axis=0), f, axis=1)
     h, w = min(objs.shape[0], samp.shape[0]), min(objs.shape[1], samp.shape[1])
-    objs = np.ascontiguousarray(objs[:h, :w])
+    objs = objs[:h, :w] != 0  # a bool copy (``above`` may hold codes, see _threshold_kernel)
     samp = np.ascontiguousarray(samp[:h, :w])  # odd frame sizes differ by one
     grown = cv2.dilate(objs.view(np.uint8), np.ones((3, 3), np.uint8)) > 0
     if grown.mean() < 0.5:  # a crowded field keeps too little sky when grown
