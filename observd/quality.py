@@ -105,6 +105,8 @@ _SHAPE_SNR = 20.0
 #: ``_RESCUE_KERNEL`` detection px, then of the stars' width, at ``_RESCUE_SIGMA`` times
 #: ``detect_sigma`` (a matched filter's noise is lower, and its false sources fewer).
 _RESCUE_GOOD = 5
+#: The brightest sources refined first, to check the first guess of their width.
+_N_PRE = 150
 _RESCUE_SIGMA = 0.7
 _RESCUE_KERNEL = 8.0
 #: Stars stacked for the mean star's shape when too few are good one by one.
@@ -372,19 +374,34 @@ def _stars(
     # be trusted for shapes (a rich field at 4k: the brightest hundreds are saturated),
     # refine further batches down the list for the shape measurement alone
     n_keep = min(n_stars, int(max_stars * 1.2) + 10)
-    ref = _refine(data, bad, det, np.arange(n_keep), rms, saturation, _guess(psf))
-    refs = [ref]
+    keep = np.arange(n_keep)
+    guess = _guess(psf)
+    if guess is None:
+        guess = _first_guess(data, bad, det, keep)
+    # the brightest _N_PRE first: when they show the guess to be off, the rest is
+    # refined once, with their width, instead of twice (stars are refined one by one,
+    # so two batches give what one would)
+    n_pre = _N_PRE if not math.isfinite(psf) and n_keep > 2 * _N_PRE else n_keep
+    refs = [_refine(data, bad, det, keep[:n_pre], rms, saturation, guess)]
+    redone = False
+    if n_pre < n_keep:
+        pre = _clipped_median(refs[0]["fwhm"][_usable_all(refs, min_peak, saturation)])
+        if math.isfinite(pre) and abs(pre / guess - 1.0) > 0.25:
+            guess, redone = pre, True
+            refs = [_refine(data, bad, det, keep, rms, saturation, guess)]
+        else:
+            refs.append(_refine(data, bad, det, keep[n_pre:], rms, saturation, guess))
     usable = _usable_all(refs, min_peak, saturation)
-    measured = _clipped_median(ref["fwhm"][usable[:n_keep]])
-    if (not math.isfinite(psf) and math.isfinite(measured)
-            and abs(measured / ref["fwhm_guess"] - 1.0) > 0.25):  # fmt: skip
+    measured = _clipped_median(np.concatenate([r["fwhm"] for r in refs])[usable[:n_keep]])
+    if (not redone and not math.isfinite(psf) and math.isfinite(measured)
+            and abs(measured / guess - 1.0) > 0.25):  # fmt: skip
         # the first guess (flux / peak) was off: stamps and window follow the stars (not
         # when the width is known from the filter that found the stars: the moments
         # of faint broad stars wander)
-        ref = _refine(data, bad, det, np.arange(n_keep), rms, saturation, measured)
-        refs = [ref]
+        guess = measured
+        refs = [_refine(data, bad, det, keep, rms, saturation, guess)]
         usable = _usable_all(refs, min_peak, saturation)
-    fw_guess = ref["fwhm_guess"]
+    fw_guess = guess
     start = n_keep
     while np.count_nonzero(usable) < _N_FIT and start < n_stars and len(refs) < 5:
         more = np.arange(start, min(n_stars, start + 2 * _N_FIT))
@@ -976,6 +993,25 @@ def _stamps_kernel(data, bad, ix, iy, r):  # pragma: no cover - compiled
     return vals, valid
 
 
+def _first_guess(
+    data: np.ndarray, bad: np.ndarray | None, det: Mapping[str, Any], which: np.ndarray
+) -> float:
+    """A first FWHM (px) of the sources ``which``: flux / peak of the brighter half,
+    without the flat-topped ones (saturated), from 5x5 stamps."""
+    xc, yc = det["x"][which], det["y"][which]
+    sky, flux_iso = det["sky"][which], det["flux"][which]
+    n = len(which)
+    v, ok, _, _ = _stamps(data, bad, xc, yc, 2)
+    v = np.where(ok, v, -np.inf).reshape(n, -1)
+    top = v.max(axis=1)
+    flat = np.count_nonzero(v >= top[:, None] - 0.03 * np.abs(top - sky)[:, None], axis=1) >= 5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        size = 2.3548 * np.sqrt(np.maximum(flux_iso, 0) / (2 * np.pi * (top - sky)))
+    s = size[: max(10, n // 2)][~flat[: max(10, n // 2)]]
+    s = s[np.isfinite(s)]
+    return float(np.clip(np.median(s), 1.0, 30.0)) if s.size else 3.0
+
+
 def _refine(
     data: np.ndarray,
     bad: np.ndarray | None,
@@ -983,24 +1019,14 @@ def _refine(
     which: np.ndarray,
     rms: float,
     saturation: float | None,
-    fw_guess: float | None,
+    fw_guess: float,
 ) -> dict[str, Any]:
     """Centroids, second moments, peaks, saturation and isolation of sources ``which``
-    (indices into the detections), vectorised over stars on full-resolution stamps."""
+    (indices into the detections), star by star on full-resolution stamps, with stamps
+    and windows for stars of FWHM ``fw_guess``."""
     xc, yc = det["x"][which], det["y"][which]
     sky, flux_iso = det["sky"][which], det["flux"][which]
     n = len(which)
-    if fw_guess is None:
-        # a first look: flux / peak of the brighter half gives the scale of the stars
-        v, ok, _, _ = _stamps(data, bad, xc, yc, 2)
-        v = np.where(ok, v, -np.inf).reshape(n, -1)
-        top = v.max(axis=1)
-        flat = np.count_nonzero(v >= top[:, None] - 0.03 * np.abs(top - sky)[:, None], axis=1) >= 5
-        with np.errstate(invalid="ignore", divide="ignore"):
-            size = 2.3548 * np.sqrt(np.maximum(flux_iso, 0) / (2 * np.pi * (top - sky)))
-        s = size[: max(10, n // 2)][~flat[: max(10, n // 2)]]
-        s = s[np.isfinite(s)]
-        fw_guess = float(np.clip(np.median(s), 1.0, 30.0)) if s.size else 3.0
     r = int(np.clip(math.ceil(1.5 * fw_guess + 2.0), 4, 30))
 
     vals, valid, ix, iy = _stamps(data, bad, xc, yc, r)
