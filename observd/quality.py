@@ -8,27 +8,38 @@ reference frame's. A :class:`Judge` holds the recent accepted frames of each tar
 filter and decides with :class:`QualityRules`, giving every rejection a reason that names
 the defect and carries its numbers.
 
-How :func:`measure` stays cheap (measured on the simulator, 2 cores: ~80 ms at 1024 px,
-~170 ms at 2048 px, ~220 ms at 4096 px), with no per-star Python loop:
+How :func:`measure` stays cheap (bench/measure_cost.py, simulated lights of ~3 px
+FWHM, 2 cores: ~36 ms at 2048 px, ~50 ms at 4096 px, 2.5-2.8x less than before issue
+#7's speed work), with no per-star Python loop:
 
-- the sky: ``sep``'s mesh estimator on a 1-in-2 (1-in-4 above ~2900 px) subsample of the
-  pixels -- the mesh is coarse anyway, and a subsample keeps the per-pixel noise -- then
-  again with every detection masked for the reported level (the wings of stars and of a
-  galaxy would make it read 1-4 % high in a dark filter);
-- detection on the frame itself, or on a 2x2-binned copy above ~2900 px (a quarter of
-  the cost; a star sampled at 2.5 px FWHM is still a star at half of that): a matched
-  filter, a threshold at ``detect_sigma`` times the filtered noise and one OpenCV
-  connected-components pass that counts every source; each is seeded at its brightest
-  filtered pixel (two merged stars do not become one star between them);
+- the sky: ``sep``'s mesh estimator on a 1-in-2 subsample of the pixels (of ~512 px a
+  side from 4 Mpx on: 1 in 4 at 2048 px, 1 in 8 at 4096 px, with 128 px mesh cells) --
+  the mesh is coarse anyway, and a subsample keeps the per-pixel noise -- then again
+  with every detection masked for the reported level and noise (the wings of stars and
+  of a galaxy would make it read 1-4 % high in a dark filter; on a large frame every
+  other sample is enough for these two numbers);
+- detection on the frame itself, or on a 2x2-binned copy above 8.5 Mpx (a quarter of
+  the cost; a star sampled at 2.5 px FWHM is still a star at half of that, though the
+  faintest ones are lost: at 2048 px binning would cost 27-33 % of the stars, so it
+  does not): a matched filter, a threshold at ``detect_sigma`` times the filtered noise
+  and one OpenCV connected-components pass that counts every source; each is seeded at
+  its brightest filtered pixel (two merged stars do not become one star between them);
 - only the brightest ``~max_stars`` sources are refined, on the full-resolution image:
-  postage stamps gathered in one indexing operation, Gaussian-windowed centroids and
-  second moments for all of them, and a batched Levenberg-Marquardt fit of an elliptical
-  Moffat profile for the brightest ~120 that are unsaturated and isolated (further down
-  the list when, in a rich 4k field, the brightest hundreds are saturated). The fits set
-  the frame's FWHM (pixel response removed) and elongation;
+  postage stamps, Gaussian-windowed centroids and second moments for all of them, and a
+  batched Levenberg-Marquardt fit of an elliptical Moffat profile for the brightest ~120
+  that are unsaturated and isolated (further down the list when, in a rich 4k field,
+  the brightest hundreds are saturated). The fits set the frame's FWHM (pixel response
+  removed) and elongation;
 - fluxes in circular apertures of twice the frame's median FWHM: the fraction of a
   star's light they hold does not change with the seeing, so a flux ratio between two
   frames is the ratio of their transparencies.
+
+The per-pixel and per-star passes are numba kernels (``_*_kernel``: binning, sky
+subtraction + filter + threshold + peak flags, areas and fluxes of the sources, stamps,
+moments, the Moffat fits), rows or stars in parallel, each giving what the numpy/OpenCV
+code before them gave (to 1e-9, the filter bit for bit). They compile on the first call
+in a process that finds no cache (~20 s on 2 cores) and are cached on disk afterwards
+(``__pycache__``, or numba's user cache when the package is read-only).
 
 Faint or broad stars (a 5 s exposure at a long focal length, defocus; the M 13 frames of
 ``../shared/data``: FWHM ~10 px, peaks of 1-5 sigma): when the 3x3 filter leaves fewer
@@ -75,10 +86,11 @@ __all__ = [
 F32 = np.float32
 NAN = float("nan")
 
-#: Frames with at least this many pixels are detected on a 2x2-binned copy.
+#: Frames with at least this many pixels are detected on a 2x2-binned copy (not 2048 px
+#: frames: binned, they lose 27-33 % of their sources, the faintest).
 BIN_ABOVE_PIXELS = 8_500_000
-#: sep's sky mesh in subsample pixels (64 px of a frame below ``BIN_ABOVE_PIXELS``, 128 px
-#: above); a 3x3 median filter runs over the mesh cells.
+#: sep's sky mesh in subsample pixels below ``_SKY_BIG_PIXELS`` (64 px of the frame); a
+#: 3x3 median filter runs over the mesh cells.
 _MESH = 32
 #: Frames with at least this many pixels take the sky from a sparser subsample, of about
 #: ``_SKY_SIDE`` px a side, with mesh cells of ``_SKY_MESH_PX`` frame px (see
