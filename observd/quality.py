@@ -321,7 +321,7 @@ def measure(
     if mask is not None:
         if mask.shape != data.shape:
             raise ValueError(f"mask shape {mask.shape} differs from image {data.shape}")
-        bad = mask.astype(bool, copy=False)
+        bad = np.ascontiguousarray(mask, dtype=bool)  # one layout for the kernels
     binning = 2 if data.size >= BIN_ABOVE_PIXELS and min(data.shape) >= 64 else 1
     small, det_bad, finite = _binned(data, bad, binning)
     if not finite:
