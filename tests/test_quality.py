@@ -16,6 +16,7 @@ import pytest
 from astropy.io import fits
 from scipy.spatial import cKDTree
 
+from observd import reduce
 from observd.quality import (
     Judge,
     Measurement,
@@ -335,6 +336,37 @@ def test_large_frames_are_detected_on_a_binned_copy() -> None:
     assert m.background_rms == pytest.approx(10.0, rel=0.05)
     d, _ = cKDTree(xy).query(np.column_stack([m.stars.x, m.stars.y]))
     assert np.max(d) < 0.1
+
+
+@pytest.mark.parametrize(
+    "size", [2048, pytest.param(4096, marks=pytest.mark.slow)]
+)  # fmt: skip
+def test_full_size_lights_measure_the_true_seeing(tmp_path, size: int) -> None:
+    """The large-frame paths (a sparser sky subsample from 4 Mpx, binned detection above
+    8.5 Mpx, the numba kernels) on a simulated light as the pipeline calibrates it: the
+    FWHM within 2 % of the simulator's, round stars, and every returned star a true one."""
+    plan = NightPlan(n_light=1, n_bias=0, dark_exptimes=(), n_dark=0, n_flat=0,
+                     warm_dark=False, filters=("V",), targets=("M 51",), defects=False,
+                     meridian_flip=False, wcs="exact")  # fmt: skip
+    simulate_night(tmp_path, plan, CameraModel(size=size), truth_images=False)
+    truth = load_truth(tmp_path)
+    (f,) = truth.frames("light")
+    masters = reduce.prepare(truth.read("bias.fits"),
+                             truth.read("dark_rate.fits") * np.float32(f.exptime),
+                             truth.read("flat_V.fits"))  # fmt: skip
+    cal = reduce.calibrate(fits.getdata(truth.path(f)), masters,
+                           hot=truth.read("hot_pixels.fits").astype(bool))  # fmt: skip
+    m = measure(cal.image, mask=cal.mask)
+    assert m.binning == (2 if size > 3000 else 1)
+    assert m.fwhm == pytest.approx(f.fwhm, rel=0.02)
+    assert m.elongation < 1.05 and m.n_good >= 100
+    assert m.n_stars > size * size / 1500  # thousands: the field is rich
+    stars = truth.stars("M 51")
+    x, y = f.transform.inverse(np.asarray(stars["x"]), np.asarray(stars["y"]))
+    d, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([m.stars.x, m.stars.y]))
+    assert len(m.stars) == 500
+    assert np.mean(d < 0.5) >= 0.95  # merged pairs may sit between their two stars
+    assert np.median(d[~m.stars.saturated]) < 0.05
 
 
 # --------------------------------------------------------------------------------------
