@@ -679,6 +679,112 @@ def _screen_kernel(img, unit, cov, has_cov, min_cov, sky_map, has_map, col, row,
         n_valid[i] = cnt
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _decide_kernel(ci, xs, ssum, wsum, psf2, count, disputes, act, mark, z, bg2, p, q, sig2,
+                   clip, grow, grow_clip, psf_margin, scale_error, curvature_floor, reg):
+    """The running add's candidates ``ci`` (flat indices) judged in full, as
+    :func:`_judge` does with arrays (its rule, pixel for pixel, reading ``M`` from the
+    sums), grown, and their fate written to ``act``: the new value rejected
+    (``_REJECT_UP``/``_REJECT_DOWN``) or the old one replaced (``_REPLACE``).
+    ``mark`` (uint8, zeros) and ``z`` (float32, any) are scratch frames. Returns
+    (rejected, replaced)."""
+    ny, nx = xs.shape
+    one, zero = np.float32(1.0), np.float32(0.0)
+    flagged = np.empty(ci.size * (2 * grow + 1) ** 2, np.int64)
+    nf = 0
+    for k in range(ci.size):  # the full model at each candidate
+        i = ci[k]
+        y, x0 = i // nx, i % nx
+        x = xs[y, x0]
+        w = np.float32(wsum[y, x0])
+        m = np.float32(ssum[y, x0]) / w
+        var0 = one / w
+        rc = x - m
+        lo = max(min(x, m), zero)
+        var = var0 * (one + q * max(m, zero))
+        var += bg2 + p * lo
+        sd = np.sqrt(var)
+        s2 = psf2[y, x0] * var0
+        if not (np.isfinite(s2) and s2 > zero):
+            s2 = sig2
+        ratio = max(s2, sig2) / min(s2, sig2) - one
+        # core term where the sharper image is the higher one, else the wing term
+        tol = ratio if (rc > zero) == (sig2 < s2) else ratio * (ratio + np.float32(2.0))
+        tol *= psf_margin
+        tol += scale_error
+        tol *= lo
+        if reg > zero:
+            hi_v, lo_v, seen = -np.inf, np.inf, False
+            for dy in range(-1, 2):
+                yy = min(max(y + dy, 0), ny - 1)
+                for dx in range(-1, 2):
+                    xx = min(max(x0 + dx, 0), nx - 1)
+                    v = np.float32(ssum[yy, xx]) / np.float32(wsum[yy, xx])
+                    if np.isnan(v):
+                        v = xs[yy, xx]
+                    if not np.isnan(v):
+                        seen = True
+                        hi_v, lo_v = max(hi_v, v), min(lo_v, v)
+            if not seen:
+                continue  # no slope: NaN tolerance, never an outlier
+            slope = np.float32(hi_v - lo_v) * np.float32(0.5)
+            slope -= curvature_floor * np.sqrt(var0)
+            tol += reg * max(slope, zero)
+        if abs(rc) - tol > clip * sd:
+            mark[y, x0] = 2
+            z[y, x0] = rc / sd
+            flagged[nf] = i
+            nf += 1
+    n_hits = nf
+    for k in range(n_hits):  # growth: the neighbours of an outlier beyond grow_clip
+        i = flagged[k]
+        y, x0 = i // nx, i % nx
+        for yy in range(max(y - grow, 0), min(y + grow + 1, ny)):
+            for xx in range(max(x0 - grow, 0), min(x0 + grow + 1, nx)):
+                if mark[yy, xx] != 0:
+                    continue
+                x = xs[yy, xx]
+                w = np.float32(wsum[yy, xx])
+                m = np.float32(ssum[yy, xx]) / w
+                if np.isnan(x) or np.isnan(m):
+                    continue
+                var0 = one / w
+                lo = max(min(x, m), zero)
+                var = var0 * (one + q * max(m, zero))
+                var += bg2 + p * lo
+                zn = (x - m) / np.sqrt(var)
+                if abs(zn) > grow_clip:
+                    mark[yy, xx] = 3
+                    z[yy, xx] = zn
+                    flagged[nf] = yy * nx + xx
+                    nf += 1
+    n_rep = 0
+    for k in range(nf):  # each outlier's fate
+        i = flagged[k]
+        y, x0 = i // nx, i % nx
+        zi = z[y, x0]
+        up = zi > zero
+        ni = np.int64(count[y, x0])
+        d = np.int64(disputes[y, x0])
+        run = (max(d, 0) if up else max(-d, 0)) + 1
+        replace = run > ni
+        if not replace and ni == 1:
+            # a lone old value: replaced when the negative deviation dominates around
+            pos, neg = zero, zero
+            for yy in range(max(y - grow, 0), min(y + grow + 1, ny)):
+                for xx in range(max(x0 - grow, 0), min(x0 + grow + 1, nx)):
+                    if mark[yy, xx] >= 2:
+                        pos = max(pos, z[yy, xx])
+                        neg = max(neg, -z[yy, xx])
+            replace = neg > pos
+        if replace:
+            act[y, x0] = 2  # _REPLACE
+            n_rep += 1
+        else:
+            act[y, x0] = 3 if up else 4  # _REJECT_UP, _REJECT_DOWN
+    return nf - n_rep, n_rep
+
+
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _fold_kernel(xs, act, cov, has_cov, w0, ex_per_w, sig2, ssum, wsum, ex, ps, n,
                  dsp):
@@ -1201,39 +1307,15 @@ class RunningCoadd:
         or the old one replaced (a lone old value that is the outlier; ``M`` voted out
         where more frames in a row than it holds were rejected on the same side of it).
         Writes ``act``; returns (rejected, replaced)."""
-        xf, sf, wf, pf = (xs.reshape(-1), self._sum.reshape(-1), self._wsum.reshape(-1),
-                          self._psf2.reshape(-1))  # fmt: skip
-
-        def at(i: NDArray[np.intp]) -> tuple[NDArray[np.float32], ...]:
-            w = wf[i].astype(F32)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                m = sf[i].astype(F32) / w  # NaN where empty
-                var0 = F32(1.0) / w
-                s2m = pf[i] * var0  # NaN where empty: the frame's own PSF stands in
-            return xf[i], m, var0, s2m
-
-        fi, zi = _judge(self._rules, fr, ci, at, self.shape, q)
-        if fi.size == 0:
-            return 0, 0
-        upi = zi > 0
-        ni = self._n.reshape(-1)[fi].astype(np.int32)
-        d = self._disputes.reshape(-1)[fi].astype(np.int32)
-        run = np.where(upi, np.maximum(d, 0), np.maximum(-d, 0)) + 1
-        replace = run > ni
-        lone = ni == 1
-        if lone.any():
-            # the negative deviation dominates the lone pixel's neighbourhood: the old
-            # value is the outlier
-            win = _window_indices(fi[lone], self.shape, self._rules.grow)
-            j = np.minimum(np.searchsorted(fi, win), fi.size - 1)
-            zw = np.where(fi[j] == win, zi[j], F32(0.0))
-            pos = np.maximum(zw, F32(0.0)).max(axis=1)
-            neg = np.maximum(-zw, F32(0.0)).max(axis=1)
-            replace[lone] |= neg > pos
-        act.reshape(-1)[fi] = np.where(replace, _REPLACE,
-                                       np.where(upi, _REJECT_UP, _REJECT_DOWN))  # fmt: skip
-        n_rep = int(np.count_nonzero(replace))
-        return fi.size - n_rep, n_rep
+        r = self._rules
+        mark = np.zeros(self.shape, np.uint8)
+        z = np.empty(self.shape, F32)
+        n_rej, n_rep = _decide_kernel(
+            ci, xs, self._sum, self._wsum, self._psf2, self._n, self._disputes, act, mark, z,
+            F32(fr.bg2), F32(fr.p), F32(q), F32(fr.sig2), F32(r.clip), int(r.grow),
+            F32(r.grow_clip), F32(r.psf_margin), F32(r.scale_error), F32(r.curvature_floor),
+            F32(fr.reg))  # fmt: skip
+        return int(n_rej), int(n_rep)
 
     # ---------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:

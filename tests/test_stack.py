@@ -472,3 +472,40 @@ def test_fit_sky_recovers_a_plane_and_its_noise():
     sk = fit_sky(img.astype(np.float32))
     assert sk.rms == pytest.approx(0.25, rel=0.08)
     assert np.nanmax(np.abs(sk.map() - plane)[10:]) < 0.05
+
+
+def test_running_kernel_flags_what_the_array_rule_flags(night):
+    """The compiled running add judges pixel for pixel what :func:`stack._outliers` (the
+    rule on whole arrays, which the warm-up uses) flags against the same coadd: the
+    kernel's rejected + replaced pixels are exactly the rule's outliers."""
+    from observd import stack
+
+    def as_x(f: FrameInput) -> FrameInput:
+        # the frame already scaled and sky-free (x exactly as the kernel would make it),
+        # with the same noise model: bg = scale * rms, Poisson factor scale / (g t)
+        rs = slice(0, SIZE)
+        x = stack._scaled(np.asarray(f.image), None, f.sky, rs, f.scale, 0.05)
+        return replace(f, image=x, sky=0.0, scale=1.0, sky_rms=f.scale * f.sky_rms,
+                       gain=f.gain / f.scale)
+
+    co = RunningCoadd((SIZE, SIZE))
+    checked = 0
+    for f in map(as_x, night["frames"]):
+        if co.warming_up:
+            co.add(f)
+            continue
+        a = co._arrays()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = np.divide(a["sum"], a["wsum"], dtype=np.float32)
+            var0 = np.reciprocal(a["wsum"], dtype=np.float32)
+            s2m = a["psf2"] * var0
+        fr = stack._Frame(f.frame_id, 1.0, f.sky_rms, f.exptime, f.fwhm, f.gain,
+                          co.registration_error)  # fmt: skip
+        flag, _ = stack._outliers(co._rules, fr, np.asarray(f.image, np.float32), m, var0,
+                                  co._q(), lambda j, s2m=s2m: s2m.flat[j])  # fmt: skip
+        rep = co.add(f, return_mask=True)
+        assert rep.accepted
+        assert not (rep.mask & ~flag).any()  # every rejected pixel is an outlier
+        assert rep.n_rejected + rep.n_replaced == int(flag.sum())
+        checked += int(flag.sum())
+    assert checked > 100  # cosmic rays, the satellite, hot pixels: the rule had work
