@@ -650,13 +650,28 @@ def _kernel_input(a: NDArray[Any]) -> NDArray[Any]:
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _screen_kernel(img, unit, cov, has_cov, min_cov, sky_map, has_map, col, row, u, v,
-                   cross, scale, ssum, wsum, bg2, clip2, xs, act, cand, n_valid):
+                   cross, scale, ssum, wsum, bg2, clip, p, scale_error, xs, act, cols, n_cand,
+                   n_valid):
     """Pass 1 of a running add: ``x = scale * (unit * image - sky)`` (NaN without data),
-    the action ``_ADD``/``_SKIP``, and the screen ``(x - M)^2 > clip^2 (var_M + bg^2)``
-    against the background noise alone (``cand``: judged in full afterwards)."""
+    the action ``_ADD``/``_SKIP``, and a screen for the full model: the columns of the
+    candidates of row ``i`` go to ``cols[i, :n_cand[i]]``.
+
+    The screen is a necessary condition of :func:`_judge`'s outlier test, so it passes
+    every pixel the test can flag: there ``sd^2 >= var_M + bg^2 + p S`` and the
+    tolerance is at least ``scale_error * S`` (``S`` the lower image, the other terms of
+    both are >= 0). First ``(x - M)^2 > clip^2 (var_M + bg^2)``, then
+    ``|x - M| > scale_error S + clip sqrt(var_M + bg^2 + p S)``, both a little looser
+    (0.999) than exact so that rounding cannot drop a pixel. It leaves the pixels of
+    star cores whose difference is within their noise and the photometric margin,
+    judged in full before at 10-30x the number.
+    """
     ny, nx = xs.shape
+    clip2 = clip * clip * np.float32(0.998)
+    loose = np.float32(0.999)
+    zero = np.float32(0.0)
     for i in prange(ny):
         cnt = 0
+        nc = 0
         for j in range(nx):
             if has_map:  # noqa: SIM108 (numba types the branches apart)
                 sky = np.float64(sky_map[i, j])
@@ -666,17 +681,31 @@ def _screen_kernel(img, unit, cov, has_cov, min_cov, sky_map, has_map, col, row,
             if has_cov and not cov[i, j] >= min_cov:
                 x = np.float32(np.nan)
             xs[i, j] = x
-            cand[i, j] = 0
             if np.isnan(x):
                 act[i, j] = 0  # _SKIP
                 continue
             act[i, j] = 1  # _ADD
             cnt += 1
             w = np.float32(wsum[i, j])
-            r = x - np.float32(ssum[i, j]) / w  # NaN where the coadd is empty
-            if r * r > (np.float32(1.0) / w + bg2) * clip2:
-                cand[i, j] = 1
+            m = np.float32(ssum[i, j]) / w  # NaN where the coadd is empty
+            r = x - m
+            var = np.float32(1.0) / w + bg2
+            if r * r > var * clip2:
+                lo = max(min(x, m), zero)
+                if abs(r) > loose * (scale_error * lo + clip * np.sqrt(var + p * lo)):
+                    cols[i, nc] = j
+                    nc += 1
         n_valid[i] = cnt
+        n_cand[i] = nc
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _gather_kernel(cols, n_cand, start, out):
+    """The candidates' flat indices, row after row, from :func:`_screen_kernel`'s rows."""
+    nx = cols.shape[1]
+    for i in prange(cols.shape[0]):
+        for k in range(n_cand[i]):
+            out[start[i] + k] = i * nx + cols[i, k]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -1263,7 +1292,8 @@ class RunningCoadd:
         ny, nx = self.shape
         xs = np.empty(self.shape, F32)  # the scaled frame, NaN = no data
         act = np.empty(self.shape, np.uint8)
-        cand = np.empty(self.shape, np.uint8)
+        cols = np.empty(self.shape, np.int32)  # only the candidates' few entries are used
+        n_cand = np.empty(ny, np.int64)
         n_valid = np.empty(ny, np.int64)
         img = _kernel_input(img)
         c32 = _kernel_input(cov) if cov is not None else np.zeros((1, 1), F32)
@@ -1278,10 +1308,13 @@ class RunningCoadd:
         _screen_kernel(img, float(unit), c32, cov is not None, max(self.min_coverage, 1e-6),
                        sky_map, sky_map.shape == self.shape, col, row, u, v, float(cross),
                        float(fr.scale), self._sum, self._wsum, F32(fr.bg2),
-                       F32(self._rules.clip ** 2), xs, act, cand, n_valid)  # fmt: skip
+                       F32(self._rules.clip), F32(fr.p), F32(self._rules.scale_error), xs, act,
+                       cols, n_cand, n_valid)  # fmt: skip
         n_px = int(n_valid.sum())
         n_rej = n_rep = 0
-        ci = np.flatnonzero(cand)
+        start = np.concatenate(([0], np.cumsum(n_cand)[:-1]))
+        ci = np.empty(int(n_cand.sum()), np.int64)
+        _gather_kernel(cols, n_cand, start, ci)
         if ci.size:
             n_rej, n_rep = self._decide(fr, xs, ci, F32(self._q()), act)
         frac = n_rej / n_px if n_px else 0.0
