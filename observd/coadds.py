@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -94,6 +95,11 @@ class Coadds:
         # one copier: a checkpoint's snapshot of the arrays, made while the next light is
         # read, calibrated, measured and warped (which do not touch the coadds)
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="observd-copier")
+        # checkpoint copies reuse these arrays (faulted in once, in the background, when
+        # a coadd is made: the first copy into fresh memory took ~1 s at 4096 px, which
+        # the next light waited for); a set is taken by a copy, given back after its write
+        self._spares: list[dict[str, np.ndarray]] = []
+        self._spares_lock = threading.Lock()
         self._pending: list[tuple[Future[None], Callable[[], None]]] = []
 
     def add(
@@ -313,7 +319,42 @@ class Coadds:
         return live
 
     def _new_coadd(self, grid: Grid) -> RunningCoadd:
-        return RunningCoadd(grid.shape, warmup=self.config.warmup, clip=self.config.clip_sigma)
+        coadd = RunningCoadd(grid.shape, warmup=self.config.warmup, clip=self.config.clip_sigma)
+        self._prepare_spare(coadd)
+        return coadd
+
+    def _prepare_spare(self, coadd: RunningCoadd) -> None:
+        """Have a set of checkpoint arrays of this coadd's kind ready (made and faulted
+        in on the copier thread, beside the warm-up) unless one is free already."""
+        like = {k: (a.shape, a.dtype) for k, a in coadd.state_arrays().items()}
+
+        def prepare() -> None:
+            with self._spares_lock:
+                if any(_fits(spare, like) for spare in self._spares):
+                    return
+            spare = {k: np.empty(shape, dtype) for k, (shape, dtype) in like.items()}
+            for a in spare.values():
+                a.fill(0)  # touch every page now, not in a frame's wait
+            with self._spares_lock:
+                self._spares.append(spare)
+
+        self._copier.submit(prepare)
+
+    def _copy_state(self, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The checkpoint's snapshot (on the copier thread): the coadd's arrays copied
+        into a spare set (or new arrays); returns the snapshot and the set to give back."""
+        arrays = {k: v for k, v in state.items()
+                  if isinstance(v, np.ndarray) and not k.startswith("buffer")}  # fmt: skip
+        like = {k: (a.shape, a.dtype) for k, a in arrays.items()}
+        with self._spares_lock:
+            spare = next((s for s in self._spares if _fits(s, like)), None)
+            if spare is not None:
+                self._spares.remove(spare)
+        if spare is None:
+            spare = {k: np.empty(shape, dtype) for k, (shape, dtype) in like.items()}
+        for k, a in arrays.items():
+            np.copyto(spare[k], a)
+        return {**state, **spare}, spare
 
     def _resume(self, row: dict[str, Any], grid: Grid) -> RunningCoadd:
         """The coadd as of its last checkpoint (the caller re-adds the frames after it)."""
@@ -322,6 +363,7 @@ class Coadds:
             try:
                 with np.load(path, allow_pickle=False) as data:
                     coadd = RunningCoadd.from_state(dict(data))
+                self._prepare_spare(coadd)
                 logger.info("coadd {} {}: resumed from its checkpoint ({} frames)",
                             row["target"], row["filter"], coadd.n_frames)  # fmt: skip
                 return coadd
@@ -335,9 +377,7 @@ class Coadds:
         # the live arrays change with the next frame: the writer gets a copy, made on
         # the copier thread (~0.1 s at 4096 px, against 0.5-1 s for writing and syncing
         # it) while the next light goes through the stages before its coadd
-        live.snapshot = snapshot = self._copier.submit(
-            lambda: {k: (v.copy() if isinstance(v, np.ndarray) and not k.startswith("buffer")
-                         else v) for k, v in state.items()})  # fmt: skip
+        live.snapshot = snapshot = self._copier.submit(self._copy_state, state)
         frame_ids, n_frames = list(live.coadd.frame_ids), live.coadd.n_frames
         path = self.products.state_dir() / f"coadd_{live.id}_{n_frames}.npz"
 
@@ -355,8 +395,15 @@ class Coadds:
             if old and old != str(path):
                 Path(old).unlink(missing_ok=True)
 
-        self._background(
-            lambda: atomic_write(path, lambda fh: np.savez(fh, **snapshot.result())), record)
+        def write() -> None:
+            copied, spare = snapshot.result()
+            try:
+                atomic_write(path, lambda fh: np.savez(fh, **copied))
+            finally:
+                with self._spares_lock:
+                    self._spares.append(spare)
+
+        self._background(write, record)
         live.since_checkpoint = 0
 
     @staticmethod
@@ -461,6 +508,12 @@ class Coadds:
             render.to_png(rgb, path, max_size=max_size)
 
         self._background(write, lambda: None)
+
+
+def _fits(spare: dict[str, np.ndarray], like: dict[str, tuple[Any, Any]]) -> bool:
+    """The spare set has arrays of exactly these names, shapes and types."""
+    return spare.keys() == like.keys() and all(
+        (spare[k].shape, spare[k].dtype) == like[k] for k in like)
 
 
 def _frames_table(lights: list[dict[str, Any]], records: dict[int, Any]) -> fits.BinTableHDU:

@@ -1091,6 +1091,11 @@ class RunningCoadd:
         sw = sum(k.w0 for k in self._kernel)
         return sum(k.w0 * k.w0 * k.p for k in self._kernel) / sw if sw > 0 else 0.0
 
+    def state_arrays(self) -> dict[str, NDArray[Any]]:
+        """The live arrays of :meth:`state` once seeded (their names, shapes and types
+        are those of every checkpoint of this coadd; do not modify them)."""
+        return self._arrays()
+
     def _arrays(self) -> dict[str, NDArray[Any]]:
         return {"sum": self._sum, "wsum": self._wsum, "exposure": self._exp,
                 "psf2": self._psf2, "count": self._n, "disputes": self._disputes}
