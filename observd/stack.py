@@ -95,17 +95,18 @@ Cost
     Once seeded, :meth:`RunningCoadd.add` is two fused passes over the grid, compiled
     with numba and run on every core: the first computes the scaled frame (the division
     by the exposure time and the sky polynomial evaluated per pixel: no map, no
-    temporary frames) and screens every pixel cheaply (``|x - M|`` against ``clip``
-    sigma of the background noise alone); the few candidates (star cores, cosmic rays)
-    get the full model, the growth and the vote sparsely, by their indices (whole-frame
-    filtering, exactly); the second pass updates the sums. Measured on the 2-core
-    machine: ~40 ms at 2048 px and ~100 ms at 4096 px (memory bandwidth: ~100 bytes
-    read or written per pixel), the same for frame 10 and frame 200, against 85 and
-    210 ms for the numpy passes it replaced (identical decisions, sums within float
-    rounding). The first add of a process compiles the kernels (~2 s; cached on disk
-    afterwards). The warm-up's joint combination stays in numpy, in row chunks on a
-    small thread pool (once per coadd; ~3.5 s at 4096 px with the first touch of the
-    state's memory).
+    temporary frames) and screens every pixel with a necessary condition of the full
+    test (the background, the sources' Poisson noise and the photometric margin), noting
+    the few candidates' columns as it goes; the candidates get the full model, the
+    growth and the vote in one compiled pass by their indices (the rule of
+    :func:`_judge`, pixel for pixel: whole-frame filtering, exactly); the second pass
+    updates the sums. Measured on the 2-core machine: ~25 ms at 2048 px and ~75 ms at
+    4096 px (memory bandwidth: ~80 bytes read or written per pixel), the same for frame
+    10 and frame 200, against 60 and 210 ms for the numpy passes it replaced (identical
+    decisions, sums within float rounding). The first add of a process compiles the
+    kernels (a few seconds; cached on disk afterwards). The warm-up's joint combination
+    stays in numpy, in row chunks on a small thread pool (once per coadd; ~3.5 s at
+    4096 px with the first touch of the state's memory).
 """
 
 from __future__ import annotations
