@@ -325,20 +325,26 @@ class Coadds:
 
     def _prepare_spare(self, coadd: RunningCoadd) -> None:
         """Have a set of checkpoint arrays of this coadd's kind ready (made and faulted
-        in on the copier thread, beside the warm-up) unless one is free already."""
+        in on the writer thread, beside the warm-up) unless one is free already."""
         like = {k: (a.shape, a.dtype) for k, a in coadd.state_arrays().items()}
 
         def prepare() -> None:
             with self._spares_lock:
                 if any(_fits(spare, like) for spare in self._spares):
                     return
-            spare = {k: np.empty(shape, dtype) for k, (shape, dtype) in like.items()}
-            for a in spare.values():
-                a.fill(0)  # touch every page now, not in a frame's wait
+            try:
+                spare = {k: np.empty(shape, dtype) for k, (shape, dtype) in like.items()}
+                for a in spare.values():
+                    a.fill(0)  # touch every page now, not in a frame's wait
+            except MemoryError:  # the checkpoint will allocate its copy itself
+                logger.warning("no memory for a spare checkpoint copy")
+                return
             with self._spares_lock:
                 self._spares.append(spare)
 
-        self._copier.submit(prepare)
+        # on the writer thread: the copier must stay free for the snapshots a light
+        # may wait for
+        self._writer.submit(prepare)
 
     def _copy_state(self, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The checkpoint's snapshot (on the copier thread): the coadd's arrays copied
@@ -425,10 +431,15 @@ class Coadds:
         lights = self._lights(live)
         header = self._header(live, lights)
         table = _frames_table(lights, {r.frame_id: r for r in coadd.frames})
-        # the pixels are computed on the copier thread, beside the next light; the coadd
-        # waits for them before it changes
-        live.snapshot = pixels = self._copier.submit(
-            lambda: {"image": coadd.image, "exposure": coadd.exposure})
+        # the pixels are computed on the copier thread, beside the next light; a seeded
+        # coadd waits for them before it changes (a warming-up one is read from a frozen
+        # copy: its joint combination takes a while and need not hold up the next light)
+        frozen = coadd.frozen()
+        source = frozen if frozen is not None else coadd
+        pixels = self._copier.submit(lambda: {"image": source.image,
+                                              "exposure": source.exposure})  # fmt: skip
+        if frozen is None:
+            live.snapshot = pixels
         row = {
             "n_frames": coadd.n_frames,
             "fits": str(fits_path),
@@ -491,9 +502,11 @@ class Coadds:
         if mapping is None:
             return
         used = {f: v for f, v in mine.items() if v.coadd.n_frames}
-        images = self._copier.submit(lambda: {f: v.coadd.image for f, v in used.items()})
-        for v in used.values():
-            v.snapshot = images
+        sources = {f: v.coadd.frozen() or v.coadd for f, v in used.items()}
+        images = self._copier.submit(lambda: {f: c.image for f, c in sources.items()})
+        for f, v in used.items():
+            if sources[f] is v.coadd:  # seeded: wait for the read before it changes
+                v.snapshot = images
         path, max_size = self.products.rgb(live.night, live.target), self.config.png_max_size
 
         def write() -> None:

@@ -111,6 +111,7 @@ Cost
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -848,27 +849,46 @@ def _fold_kernel(xs, act, cov, has_cov, w0, ex_per_w, sig2, ssum, wsum, ex, ps, 
 def _lower_median(xs: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.intp],
                                                    NDArray[np.intp]]:
     """Per-pixel lower median of a small stack with NaNs (the minimum of two values, so a
-    positive outlier in one of two never wins): (value, frame index, count).
-
-    An odd-even transposition network of whole-array minima and maxima (NaN as +inf):
-    much faster than a sort along a short strided axis.
-    """
-    k = len(xs)
-    cnt = np.isfinite(xs).sum(axis=0)
-    rows = [np.where(np.isnan(a), F32(np.inf), a) for a in xs]
-    for rnd in range(k):
-        for i in range(rnd % 2, k - 1, 2):
-            lo = np.minimum(rows[i], rows[i + 1])
-            np.maximum(rows[i], rows[i + 1], out=rows[i + 1])
-            rows[i] = lo
-    pick = np.maximum(cnt - 1, 0) // 2
-    val = np.choose(pick, rows) if k > 1 else rows[0]
-    val = np.where(cnt > 0, val, F32(np.nan)).astype(F32)
-    idx = np.full(val.shape, -1, np.intp)
-    for i in range(k - 1, -1, -1):  # the first frame holding the value
-        idx[xs[i] == val] = i
-    idx[idx < 0] = 0
+    positive outlier in one of two never wins): (value, the first frame holding it, count
+    of finite values). NaN and frame 0 where no frame has data."""
+    k, ny, nx = xs.shape
+    val = np.empty((ny, nx), F32)
+    idx = np.empty((ny, nx), np.intp)
+    cnt = np.empty((ny, nx), np.intp)
+    _lower_median_kernel(np.ascontiguousarray(xs, dtype=F32), val, idx, cnt)
     return val, idx, cnt
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _lower_median_kernel(xs, val, idx, cnt):
+    k, ny, nx = xs.shape
+    for i in prange(ny):
+        buf = np.empty(k, np.float32)
+        for j in range(nx):
+            n = 0
+            for f in range(k):
+                v = xs[f, i, j]
+                if not np.isnan(v):
+                    buf[n] = v
+                    n += 1
+            cnt[i, j] = n
+            idx[i, j] = 0
+            if n == 0:
+                val[i, j] = np.nan
+                continue
+            for a in range(1, n):  # insertion sort: a handful of values
+                t = buf[a]
+                b = a - 1
+                while b >= 0 and buf[b] > t:
+                    buf[b + 1] = buf[b]
+                    b -= 1
+                buf[b + 1] = t
+            v = buf[(n - 1) // 2]
+            val[i, j] = v
+            for f in range(k):
+                if xs[f, i, j] == v:
+                    idx[i, j] = f
+                    break
 
 
 # ------------------------------------------------------------------- the coadd
@@ -1092,6 +1112,19 @@ class RunningCoadd:
         sw = sum(k.w0 for k in self._kernel)
         return sum(k.w0 * k.w0 * k.p for k in self._kernel) / sw if sw > 0 else 0.0
 
+    def frozen(self) -> RunningCoadd | None:
+        """During the warm-up, a copy that later adds do not change (it shares the
+        buffered frames, which are never modified), whose :attr:`image` can be computed
+        on another thread while frames arrive; None once seeded (the sums change in
+        place: read them before the next add)."""
+        if self._seeded:
+            return None
+        twin = copy.copy(self)
+        twin._buf = list(self._buf)
+        twin._frames, twin._kernel = list(self._frames), list(self._kernel)
+        twin._provisional = None
+        return twin
+
     def state_arrays(self) -> dict[str, NDArray[Any]]:
         """The live arrays of :meth:`state` once seeded (their names, shapes and types
         are those of every checkpoint of this coadd; do not modify them)."""
@@ -1237,9 +1270,10 @@ class RunningCoadd:
                       "count": np.zeros(self.shape, np.uint16),
                       "disputes": np.zeros(self.shape, np.int8)}
         for i, (fr, x, c) in enumerate(buf):
-            for rs in _row_chunks(*self.shape):
-                use = (c[rs] > 0) & ~flags[i][rs]
-                _fold(arrays, rs, x[rs], c[rs], fr, use, None)
+            act = ((c > 0) & ~flags[i]).view(np.uint8)  # _ADD where used, else _SKIP
+            _fold_kernel(x, act, c, True, F32(fr.w0), F32(fr.exptime / fr.w0), F32(fr.sig2),
+                         arrays["sum"], arrays["wsum"], arrays["exposure"], arrays["psf2"],
+                         arrays["count"], arrays["disputes"])  # fmt: skip
         results: list[tuple[FrameRecord, str | None]] = []
         by_id = {fr.frame_id: i for i, (fr, _, _) in enumerate(buf)}
         for fr, _, c in self._buf:
@@ -1416,51 +1450,3 @@ class RunningCoadd:
             self._buf = [(_Frame(**fr), np.array(bx[i], F32), np.array(bc[i], F32))
                          for i, fr in enumerate(meta["buffer"])]
         return self
-
-
-def _fold(arrays: dict[str, NDArray[Any]], rs: slice, x: NDArray[np.float32],
-          c: NDArray[np.float32] | None, fr: _Frame, use: NDArray[np.bool_] | None,
-          act: NDArray[np.uint8] | None) -> None:
-    """Add rows ``rs`` of a frame to the sums: where ``use`` (the warm-up), or as the
-    actions of pass 1 say (add, replace, reject from above or below). ``c`` is the
-    coverage (None: 1)."""
-    ssum, wsum, ex, ps, n, dsp = (arrays["sum"][rs], arrays["wsum"][rs],
-                                  arrays["exposure"][rs], arrays["psf2"][rs],
-                                  arrays["count"][rs], arrays["disputes"][rs])
-    rep = up = down = None
-    if act is None:
-        assert use is not None
-        add = use
-    elif (act > _ADD).any():
-        add = act == _ADD
-        rep = act == _REPLACE
-        up = act == _REJECT_UP
-        down = act == _REJECT_DOWN
-    else:
-        add = act.view(bool)
-    if rep is not None and rep.any():
-        for a in (ssum, wsum, ex, ps, n):
-            np.copyto(a, 0, where=rep)
-        add = add | rep
-    # weights are 0 where nothing is added, so the sums need no mask (faster);
-    # float32 products, float64 sums
-    if c is None:
-        w = np.multiply(add, F32(fr.w0), dtype=F32)
-    else:
-        w = np.where(add, c, F32(0.0))
-        w *= F32(fr.w0)
-    tmp = np.where(add, x, F32(0.0))
-    tmp *= w
-    ssum += tmp
-    wsum += w
-    np.multiply(w, F32(fr.exptime / fr.w0), out=tmp)  # coverage * exptime
-    ex += tmp
-    np.multiply(w, F32(fr.sig2), out=tmp)
-    ps += tmp
-    n += add
-    if dsp.any():
-        np.copyto(dsp, 0, where=add)
-    if up is not None and up.any():  # runs of rejections on one side of M
-        dsp[up] = np.where(dsp[up] > 0, np.minimum(dsp[up], 126) + 1, 1)
-    if down is not None and down.any():
-        dsp[down] = np.where(dsp[down] < 0, np.maximum(dsp[down], -126) - 1, -1)
