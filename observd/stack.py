@@ -711,6 +711,89 @@ def _gather_kernel(cols, n_cand, start, out):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _noise(x, m, var0, bg2, p, q):
+    """The noise of ``x - m`` and the lower image ``S`` (see :func:`_sd`)."""
+    zero = np.float32(0.0)
+    lo = max(min(x, m), zero)
+    var = var0 * (np.float32(1.0) + q * max(m, zero))
+    var += bg2 + p * lo
+    return np.sqrt(var), lo
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _psf_tolerance(rc, lo, s2, sig2, psf_margin, scale_error):
+    """The PSF-mismatch and photometric part of the tolerance (see :func:`_judge`)."""
+    one = np.float32(1.0)
+    if not (np.isfinite(s2) and s2 > np.float32(0.0)):
+        s2 = sig2
+    ratio = max(s2, sig2) / min(s2, sig2) - one
+    # core term where the sharper image is the higher one, else the wing term
+    tol = ratio if (rc > np.float32(0.0)) == (sig2 < s2) else ratio * (ratio + np.float32(2.0))
+    tol *= psf_margin
+    tol += scale_error
+    tol *= lo
+    return tol
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _flag_kernel(x, m, var0, s2m, flag, bg2, p, q, sig2, clip, grow, grow_clip, psf_margin,
+                 scale_error, curvature_floor, reg):
+    """:func:`_outliers` on whole arrays, compiled (the warm-up's test of each frame
+    against the median): ``flag`` (uint8, zeros) gets 2 at the outliers and 3 where they
+    grew. Returns the number flagged."""
+    ny, nx = x.shape
+    zero = np.float32(0.0)
+    clip2 = clip * clip
+    n = 0
+    for y in range(ny):
+        for x0 in range(nx):
+            rc = x[y, x0] - m[y, x0]
+            v0 = var0[y, x0]
+            if not rc * rc > (v0 + bg2) * clip2:  # the screen (NaN: no data)
+                continue
+            sd, lo = _noise(x[y, x0], m[y, x0], v0, bg2, p, q)
+            tol = _psf_tolerance(rc, lo, s2m[y, x0], sig2, psf_margin, scale_error)
+            if reg > zero:
+                hi_v, lo_v, seen = -np.inf, np.inf, False
+                for dy in range(-1, 2):
+                    yy = min(max(y + dy, 0), ny - 1)
+                    for dx in range(-1, 2):
+                        xx = min(max(x0 + dx, 0), nx - 1)
+                        v = m[yy, xx]
+                        if np.isnan(v):
+                            v = x[yy, xx]
+                        if not np.isnan(v):
+                            seen = True
+                            hi_v, lo_v = max(hi_v, v), min(lo_v, v)
+                if not seen:
+                    continue
+                slope = np.float32(hi_v - lo_v) * np.float32(0.5)
+                slope -= curvature_floor * np.sqrt(v0)
+                tol += reg * max(slope, zero)
+            if abs(rc) - tol > clip * sd:
+                flag[y, x0] = 2
+                n += 1
+    if grow == 0 or n == 0:
+        return n
+    for y in range(ny):  # growth from the outliers (not from the grown pixels)
+        for x0 in range(nx):
+            if flag[y, x0] != 2:
+                continue
+            for yy in range(max(y - grow, 0), min(y + grow + 1, ny)):
+                for xx in range(max(x0 - grow, 0), min(x0 + grow + 1, nx)):
+                    if flag[yy, xx] != 0:
+                        continue
+                    xv, mv = x[yy, xx], m[yy, xx]
+                    if np.isnan(xv) or np.isnan(mv):
+                        continue
+                    sdn, _ = _noise(xv, mv, var0[yy, xx], bg2, p, q)
+                    if abs((xv - mv) / sdn) > grow_clip:
+                        flag[yy, xx] = 3
+                        n += 1
+    return n
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def _decide_kernel(ci, xs, ssum, wsum, psf2, count, disputes, act, mark, z, bg2, p, q, sig2,
                    clip, grow, grow_clip, psf_margin, scale_error, curvature_floor, reg):
     """The running add's candidates ``ci`` (flat indices) judged in full, as
@@ -731,19 +814,8 @@ def _decide_kernel(ci, xs, ssum, wsum, psf2, count, disputes, act, mark, z, bg2,
         m = np.float32(ssum[y, x0]) / w
         var0 = one / w
         rc = x - m
-        lo = max(min(x, m), zero)
-        var = var0 * (one + q * max(m, zero))
-        var += bg2 + p * lo
-        sd = np.sqrt(var)
-        s2 = psf2[y, x0] * var0
-        if not (np.isfinite(s2) and s2 > zero):
-            s2 = sig2
-        ratio = max(s2, sig2) / min(s2, sig2) - one
-        # core term where the sharper image is the higher one, else the wing term
-        tol = ratio if (rc > zero) == (sig2 < s2) else ratio * (ratio + np.float32(2.0))
-        tol *= psf_margin
-        tol += scale_error
-        tol *= lo
+        sd, lo = _noise(x, m, var0, bg2, p, q)
+        tol = _psf_tolerance(rc, lo, psf2[y, x0] * var0, sig2, psf_margin, scale_error)
         if reg > zero:
             hi_v, lo_v, seen = -np.inf, np.inf, False
             for dy in range(-1, 2):
@@ -779,11 +851,8 @@ def _decide_kernel(ci, xs, ssum, wsum, psf2, count, disputes, act, mark, z, bg2,
                 m = np.float32(ssum[yy, xx]) / w
                 if np.isnan(x) or np.isnan(m):
                     continue
-                var0 = one / w
-                lo = max(min(x, m), zero)
-                var = var0 * (one + q * max(m, zero))
-                var += bg2 + p * lo
-                zn = (x - m) / np.sqrt(var)
+                sdn, _ = _noise(x, m, one / w, bg2, p, q)
+                zn = (x - m) / sdn
                 if abs(zn) > grow_clip:
                     mark[yy, xx] = 3
                     z[yy, xx] = zn
@@ -1314,10 +1383,14 @@ class RunningCoadd:
                          F32(1.0)).astype(F32)
             var0 = bg2[idx] * f
             s2m = sig2[idx]
+            r = self._rules
             for i, fr in enumerate(frs):
-                flag, _ = _outliers(self._rules, fr, xs[i], med, var0, qseed,
-                                    lambda j, s2m=s2m: s2m.flat[j])
-                fi = flag[inner]
+                flag = np.zeros(med.shape, np.uint8)
+                _flag_kernel(xs[i], med, var0, s2m, flag, F32(fr.bg2), F32(fr.p), F32(qseed),
+                             F32(fr.sig2), F32(r.clip), int(r.grow), F32(r.grow_clip),
+                             F32(r.psf_margin), F32(r.scale_error), F32(r.curvature_floor),
+                             F32(fr.reg))  # fmt: skip
+                fi = flag[inner] > 0
                 flags[i][rs] = fi
                 ci = buf[i][2][rs] > 0
                 counts[i][0] += int(np.count_nonzero(ci))
