@@ -98,15 +98,16 @@ Cost
     temporary frames) and screens every pixel with a necessary condition of the full
     test (the background, the sources' Poisson noise and the photometric margin), noting
     the few candidates' columns as it goes; the candidates get the full model, the
-    growth and the vote in one compiled pass by their indices (the rule of
-    :func:`_judge`, pixel for pixel: whole-frame filtering, exactly); the second pass
-    updates the sums. Measured on the 2-core machine: ~25 ms at 2048 px and ~75 ms at
-    4096 px (memory bandwidth: ~80 bytes read or written per pixel), the same for frame
-    10 and frame 200, against 60 and 210 ms for the numpy passes it replaced (identical
-    decisions, sums within float rounding). The first add of a process compiles the
-    kernels (a few seconds; cached on disk afterwards). The warm-up's joint combination
-    stays in numpy, in row chunks on a small thread pool (once per coadd; ~3.5 s at
-    4096 px with the first touch of the state's memory).
+    growth and the vote in one compiled pass by their indices (whole-frame filtering,
+    exactly: ``tests/stack_reference.py`` states the rule in numpy and the tests hold
+    the kernels to it pixel for pixel); the second pass updates the sums. Measured on
+    the 2-core machine: ~25 ms at 2048 px and ~75 ms at 4096 px (memory bandwidth: ~80
+    bytes read or written per pixel), the same for frame 10 and frame 200, against 60
+    and 210 ms for the numpy passes it replaced (identical decisions, sums within float
+    rounding). The first add of a process compiles the kernels (a few seconds; cached on
+    disk afterwards). The warm-up's joint combination (once per coadd) runs in row
+    chunks with a compiled lower median and test: ~1.5 s at 4096 px, plus the first
+    touch of the state's memory.
 """
 
 from __future__ import annotations
@@ -116,7 +117,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -510,138 +510,6 @@ def _coverage(x: NDArray[np.float32], cov: NDArray[Any] | None, rs: slice
     return np.where(np.isfinite(x), np.asarray(cov[rs], F32), F32(0.0))
 
 
-def _outliers(
-    rules: _Rules,
-    fr: _Frame,
-    x: NDArray[np.float32],
-    m: NDArray[np.float32],
-    var0: NDArray[np.float32],
-    q: float,
-    s2m_at: Callable[[NDArray[np.intp]], NDArray[np.float32]],
-) -> tuple[NDArray[np.bool_], NDArray[np.float32] | None]:
-    """Compare frame ``x`` with reference ``m`` (rows with their halo; NaN = no data).
-
-    The reference's variance is ``var0 * (1 + q * m+)`` (``var0``: its background
-    variance) and its PSF ``sigma^2`` at flat pixel indices ``s2m_at(i)``. A cheap
-    screen over the whole chunk (``|x - m|`` beyond ``clip`` sigma of the background
-    noise alone) leaves the few candidates -- star cores, cosmic rays -- for the full
-    model (:func:`_judge`). Returns the outliers (grown) and, when there are any, the
-    signed plain significance ``(x - m) / sd`` at them (0 elsewhere).
-    """
-    r = x - m  # NaN where either has no data: every comparison below is then False
-    thr = var0 + F32(fr.bg2)
-    thr *= F32(rules.clip * rules.clip)
-    r *= r
-    ci = np.flatnonzero(r > thr)
-    flag = np.zeros(x.shape, bool)
-    if ci.size == 0:
-        return flag, None
-
-    def at(i: NDArray[np.intp]) -> tuple[NDArray[np.float32], ...]:
-        return x.flat[i], m.flat[i], var0.flat[i], s2m_at(i)
-
-    hi, zh = _judge(rules, fr, ci, at, x.shape, q)
-    if hi.size == 0:
-        return flag, None
-    flag.flat[hi] = True
-    zs = np.zeros(x.shape, F32)
-    zs.flat[hi] = zh
-    return flag, zs
-
-
-def _judge(
-    rules: _Rules,
-    fr: _Frame,
-    ci: NDArray[np.intp],
-    at: Callable[[NDArray[np.intp]], tuple[NDArray[np.float32], ...]],
-    shape: tuple[int, int],
-    q: float,
-) -> tuple[NDArray[np.intp], NDArray[np.float32]]:
-    """The full noise model at the screened candidates ``ci`` (flat indices into an
-    array of ``shape``; ``at(i)`` gives ``x``, ``m``, ``var0`` and the reference's PSF
-    ``sigma^2`` there), then the growth. Returns the outliers' flat indices (sorted) and
-    their signed significance ``(x - m) / sd``."""
-    xc, mc, v0c, s2 = at(ci)
-    rc = xc - mc
-    sd, lo = _sd(fr, q, xc, mc, v0c)
-    # PSF mismatch: core term (ratio - 1) where the sharper image is the higher one,
-    # wing term (ratio^2 - 1) where it is the lower one
-    sx2 = F32(fr.sig2)
-    s2 = np.where(np.isfinite(s2) & (s2 > 0), s2, sx2)
-    ratio = np.maximum(s2, sx2) / np.minimum(s2, sx2) - F32(1.0)
-    up = rc > 0
-    tol = np.where(up == (sx2 < s2), ratio, ratio * (ratio + F32(2.0)))
-    tol *= F32(rules.psf_margin)
-    tol += F32(rules.scale_error)
-    tol *= lo
-    if fr.reg > 0:
-        slope = _slope_at(ci, shape, at)
-        slope -= F32(rules.curvature_floor) * np.sqrt(v0c)
-        tol += F32(fr.reg) * np.maximum(slope, F32(0.0))
-    excess = np.abs(rc) - tol
-    hit = excess > F32(rules.clip) * sd
-    hi = ci[hit]
-    zh = rc[hit] / sd[hit]
-    if hi.size == 0 or rules.grow == 0:
-        return hi, zh
-    near = np.unique(_window_indices(hi, shape, rules.grow, inside=True))
-    j = np.minimum(np.searchsorted(hi, near), hi.size - 1)
-    near = near[hi[j] != near]
-    if near.size == 0:
-        return hi, zh
-    xn, mn, v0n, _ = at(near)
-    sdn, _ = _sd(fr, q, xn, mn, v0n)
-    zn = (xn - mn) / sdn  # NaN where no data: not grown into
-    g = np.abs(zn) > F32(rules.grow_clip)
-    idx = np.concatenate([hi, near[g]])
-    z = np.concatenate([zh, zn[g]])
-    order = np.argsort(idx, kind="stable")
-    return idx[order], z[order]
-
-
-def _sd(fr: _Frame, q: float, x: NDArray[np.float32], m: NDArray[np.float32],
-        var0: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    """The noise of ``x - m`` (background and the sources' Poisson noise) and the lower
-    image ``S``."""
-    lo = np.maximum(np.minimum(x, m), F32(0.0))
-    var = var0 * (F32(1.0) + F32(q) * np.maximum(m, F32(0.0)))
-    var += F32(fr.bg2) + F32(fr.p) * lo
-    return np.sqrt(var), lo
-
-
-def _window_indices(i: NDArray[np.intp], shape: tuple[int, int], r: int, *,
-                    inside: bool = False) -> NDArray[np.intp]:
-    """Flat indices of the ``(2r+1)^2`` square around each flat index ``i`` (one row per
-    index). Off the grid, the nearest pixel on it stands in (a max over the window is
-    then that of the window cut at the edge); with ``inside``, a flat array of only the
-    pixels on the grid."""
-    ny, nx = shape
-    yy, xx = np.divmod(i, nx)
-    d = np.arange(-r, r + 1)
-    wy = (yy[:, None] + d[None, :])[:, :, None]
-    wx = (xx[:, None] + d[None, :])[:, None, :]
-    if inside:
-        ok = (wy >= 0) & (wy < ny) & (wx >= 0) & (wx < nx)
-        return (wy * nx + wx)[ok]
-    return (np.clip(wy, 0, ny - 1) * nx + np.clip(wx, 0, nx - 1)).reshape(i.size, -1)
-
-
-def _slope_at(i: NDArray[np.intp], shape: tuple[int, int],
-              at: Callable[[NDArray[np.intp]], tuple[NDArray[np.float32], ...]]
-              ) -> NDArray[np.float32]:
-    """Half the range of ``M`` over the 3x3 neighbourhood of flat indices ``i`` (the
-    steepest slope there, px^-1); where ``M`` has no data ``x`` stands in, and pixels
-    with neither are left out (no false cliff at a saturated core)."""
-    j = _window_indices(i, shape, 1)
-    x, m = at(j.reshape(-1))[:2]
-    vals = np.where(np.isnan(m), x, m).reshape(j.shape)
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all NaN: no slope (NaN)
-        out = np.nanmax(vals, axis=1) - np.nanmin(vals, axis=1)
-    out *= F32(0.5)
-    return out
-
-
 def _kernel_input(a: NDArray[Any]) -> NDArray[Any]:
     """A C-contiguous float32 (or float64) view or copy for the numba kernels."""
     a = np.asarray(a)
@@ -658,7 +526,7 @@ def _screen_kernel(img, unit, cov, has_cov, min_cov, sky_map, has_map, col, row,
     the action ``_ADD``/``_SKIP``, and a screen for the full model: the columns of the
     candidates of row ``i`` go to ``cols[i, :n_cand[i]]``.
 
-    The screen is a necessary condition of :func:`_judge`'s outlier test, so it passes
+    The screen is a necessary condition of the outlier test (:func:`_decide_kernel`), so it passes
     every pixel the test can flag: there ``sd^2 >= var_M + bg^2 + p S`` and the
     tolerance is at least ``scale_error * S`` (``S`` the lower image, the other terms of
     both are >= 0). First ``(x - M)^2 > clip^2 (var_M + bg^2)``, then
@@ -712,7 +580,8 @@ def _gather_kernel(cols, n_cand, start, out):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _noise(x, m, var0, bg2, p, q):
-    """The noise of ``x - m`` and the lower image ``S`` (see :func:`_sd`)."""
+    """The noise of ``x - m`` (background and the sources' Poisson noise) and the lower
+    image ``S``."""
     zero = np.float32(0.0)
     lo = max(min(x, m), zero)
     var = var0 * (np.float32(1.0) + q * max(m, zero))
@@ -722,7 +591,7 @@ def _noise(x, m, var0, bg2, p, q):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _psf_tolerance(rc, lo, s2, sig2, psf_margin, scale_error):
-    """The PSF-mismatch and photometric part of the tolerance (see :func:`_judge`)."""
+    """The PSF-mismatch and photometric part of the tolerance (module doc)."""
     one = np.float32(1.0)
     if not (np.isfinite(s2) and s2 > np.float32(0.0)):
         s2 = sig2
@@ -738,9 +607,10 @@ def _psf_tolerance(rc, lo, s2, sig2, psf_margin, scale_error):
 @njit(cache=True, nogil=True, error_model="numpy")
 def _flag_kernel(x, m, var0, s2m, flag, bg2, p, q, sig2, clip, grow, grow_clip, psf_margin,
                  scale_error, curvature_floor, reg):
-    """:func:`_outliers` on whole arrays, compiled (the warm-up's test of each frame
-    against the median): ``flag`` (uint8, zeros) gets 2 at the outliers and 3 where they
-    grew. Returns the number flagged."""
+    """The outlier test on whole arrays (the warm-up's test of each frame against the
+    median ``m`` of variance ``var0`` and PSF ``s2m``: the rule of the module doc, as
+    ``tests/stack_reference.py`` writes it in numpy): ``flag`` (uint8, zeros) gets 2 at
+    the outliers and 3 where they grew. Returns the number flagged."""
     ny, nx = x.shape
     zero = np.float32(0.0)
     clip2 = clip * clip
@@ -797,7 +667,7 @@ def _flag_kernel(x, m, var0, s2m, flag, bg2, p, q, sig2, clip, grow, grow_clip, 
 def _decide_kernel(ci, xs, ssum, wsum, psf2, count, disputes, act, mark, z, bg2, p, q, sig2,
                    clip, grow, grow_clip, psf_margin, scale_error, curvature_floor, reg):
     """The running add's candidates ``ci`` (flat indices) judged in full, as
-    :func:`_judge` does with arrays (its rule, pixel for pixel, reading ``M`` from the
+    ``tests/stack_reference.py`` does with arrays (its rule, pixel for pixel, reading ``M`` from the
     sums), grown, and their fate written to ``act``: the new value rejected
     (``_REJECT_UP``/``_REJECT_DOWN``) or the old one replaced (``_REPLACE``).
     ``mark`` (uint8, zeros) and ``z`` (float32, any) are scratch frames. Returns

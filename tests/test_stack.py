@@ -475,10 +475,11 @@ def test_fit_sky_recovers_a_plane_and_its_noise():
 
 
 def test_running_kernel_flags_what_the_array_rule_flags(night):
-    """The compiled running add judges pixel for pixel what :func:`stack._outliers` (the
-    rule on whole arrays, which the warm-up uses) flags against the same coadd: the
+    """The compiled running add judges pixel for pixel what the rule written in numpy
+    on whole arrays (``stack_reference.outliers``) flags against the same coadd: the
     kernel's rejected + replaced pixels are exactly the rule's outliers."""
     from observd import stack
+    from tests import stack_reference
 
     def as_x(f: FrameInput) -> FrameInput:
         # the frame already scaled and sky-free (x exactly as the kernel would make it),
@@ -501,7 +502,7 @@ def test_running_kernel_flags_what_the_array_rule_flags(night):
             s2m = a["psf2"] * var0
         fr = stack._Frame(f.frame_id, 1.0, f.sky_rms, f.exptime, f.fwhm, f.gain,
                           co.registration_error)  # fmt: skip
-        flag, _ = stack._outliers(co._rules, fr, np.asarray(f.image, np.float32), m, var0,
+        flag, _ = stack_reference.outliers(co._rules, fr, np.asarray(f.image, np.float32), m, var0,
                                   co._q(), lambda j, s2m=s2m: s2m.flat[j])  # fmt: skip
         rep = co.add(f, return_mask=True)
         assert rep.accepted
@@ -509,3 +510,41 @@ def test_running_kernel_flags_what_the_array_rule_flags(night):
         assert rep.n_rejected + rep.n_replaced == int(flag.sum())
         checked += int(flag.sum())
     assert checked > 100  # cosmic rays, the satellite, hot pixels: the rule had work
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_warmup_kernel_flags_what_the_array_rule_flags(night, k):
+    """The warm-up's compiled test of a frame against the median of the first ``k``
+    frames flags exactly what the rule written in numpy flags, pixel for pixel, and the
+    compiled lower median equals a plain sort."""
+    from observd import stack
+    from tests import stack_reference
+
+    co = RunningCoadd((SIZE, SIZE))
+    frs, xs = [], []
+    for f in night["frames"][:k]:
+        x = stack._scaled(np.asarray(f.image), None, f.sky, slice(0, SIZE), f.scale, 0.05)
+        frs.append(stack._Frame(f.frame_id, f.scale, f.sky_rms, f.exptime, f.fwhm, f.gain,
+                                co.registration_error))  # fmt: skip
+        xs.append(x)
+    stackx = np.stack(xs)
+    med, idx, cnt = stack._lower_median(stackx)
+    srt = np.sort(np.where(np.isnan(stackx), np.inf, stackx), axis=0)
+    pick = np.take_along_axis(srt, (np.maximum(cnt, 1) - 1)[None] // 2, axis=0)[0]
+    assert np.array_equal(np.where(cnt > 0, pick, np.nan), med, equal_nan=True)
+    var0 = np.array([fr.bg2 for fr in frs], np.float32)[idx]
+    s2m = np.array([fr.sig2 for fr in frs], np.float32)[idx]
+    q = float(np.median([fr.p / fr.bg2 for fr in frs]))
+    r = co._rules
+    flagged = 0
+    for fr, x in zip(frs, xs, strict=True):
+        ref, _ = stack_reference.outliers(r, fr, x, med, var0, q, lambda j: s2m.flat[j])
+        got = np.zeros(x.shape, np.uint8)
+        stack._flag_kernel(x, med, var0, s2m, got, np.float32(fr.bg2), np.float32(fr.p),
+                           np.float32(q), np.float32(fr.sig2), np.float32(r.clip), r.grow,
+                           np.float32(r.grow_clip), np.float32(r.psf_margin),
+                           np.float32(r.scale_error), np.float32(r.curvature_floor),
+                           np.float32(fr.reg))  # fmt: skip
+        assert np.array_equal(got > 0, ref)
+        flagged += int(ref.sum())
+    assert flagged > 50  # cosmic rays and the satellite: the rule had work
