@@ -548,3 +548,31 @@ def test_warmup_kernel_flags_what_the_array_rule_flags(night, k):
         assert np.array_equal(got > 0, ref)
         flagged += int(ref.sum())
     assert flagged > 50  # cosmic rays and the satellite: the rule had work
+
+
+def test_parallel_kernels_from_two_threads_at_once():
+    """The pipeline thread and the copier both run compiled parallel kernels; numba's
+    fallback threading layer aborts the process when that happens, so observd asks for
+    a thread-safe one (observd/__init__.py). Two coadds filled at once from two threads
+    end bit-identical to each other."""
+    import threading
+
+    import numba
+
+    rng = np.random.default_rng(5)
+    frames = [rng.normal(100.0, 3.0, (256, 256)).astype(np.float32) for _ in range(8)]
+    coadds = [RunningCoadd((256, 256)) for _ in range(2)]
+
+    def fill(co: RunningCoadd) -> None:
+        for i, img in enumerate(frames):
+            co.add(FrameInput(img, sky_rms=3.0, exptime=60.0, fwhm=3.0, frame_id=i,
+                              sky=100.0))  # fmt: skip
+
+    threads = [threading.Thread(target=fill, args=(co,)) for co in coadds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert numba.threading_layer() in ("tbb", "omp")
+    assert coadds[0].n_frames == coadds[1].n_frames == 8
+    assert np.array_equal(coadds[0].image, coadds[1].image, equal_nan=True)
