@@ -605,42 +605,82 @@ def _psf_tolerance(rc, lo, s2, sig2, psf_margin, scale_error):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _reference_at(num, den, var0, sums, y, x):
+    """The reference at one pixel: ``M`` and its background variance ``var0``. From the
+    coadd's sums (``sums``: ``M = num / den``, ``var0 = 1 / den``; the ``var0`` argument
+    unused) or from arrays (the warm-up's median ``num`` and its ``var0``; ``den``
+    unused)."""
+    if sums:
+        w = np.float32(den[y, x])
+        return np.float32(num[y, x]) / w, np.float32(1.0) / w
+    return np.float32(num[y, x]), np.float32(var0[y, x])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _outlier_z(y, x0, xs, num, den, var0a, sums, s2a, bg2, p, q, sig2, clip, psf_margin,
+               scale_error, curvature_floor, reg):
+    """The full test of pixel ``(y, x0)`` of frame ``xs`` against the reference (see
+    :func:`_reference_at`; ``s2a`` its PSF sigma^2, or with the sums their weighted PSF
+    sum): its signed significance ``(x - M) / sd`` when it is an outlier, else NaN. The
+    rule of the module doc, as ``tests/stack_reference.py`` writes it in numpy."""
+    ny, nx = xs.shape
+    zero = np.float32(0.0)
+    x = xs[y, x0]
+    m, v0 = _reference_at(num, den, var0a, sums, y, x0)
+    s2 = s2a[y, x0] * v0 if sums else s2a[y, x0]
+    rc = x - m
+    sd, lo = _noise(x, m, v0, bg2, p, q)
+    tol = _psf_tolerance(rc, lo, s2, sig2, psf_margin, scale_error)
+    if reg > zero:
+        hi_v, lo_v, seen = -np.inf, np.inf, False
+        for dy in range(-1, 2):
+            yy = min(max(y + dy, 0), ny - 1)
+            for dx in range(-1, 2):
+                xx = min(max(x0 + dx, 0), nx - 1)
+                v = _reference_at(num, den, var0a, sums, yy, xx)[0]
+                if np.isnan(v):
+                    v = xs[yy, xx]
+                if not np.isnan(v):
+                    seen = True
+                    hi_v, lo_v = max(hi_v, v), min(lo_v, v)
+        if not seen:
+            return np.float32(np.nan)  # no slope: NaN tolerance, never an outlier
+        slope = np.float32(hi_v - lo_v) * np.float32(0.5)
+        slope -= curvature_floor * np.sqrt(v0)
+        tol += reg * max(slope, zero)
+    if abs(rc) - tol > clip * sd:
+        return rc / sd
+    return np.float32(np.nan)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _grown_z(y, x, xs, num, den, var0a, sums, bg2, p, q):
+    """The plain significance ``(x - M) / sd`` of a pixel next to an outlier (NaN where
+    either has no data): it is rejected too beyond ``grow_clip``."""
+    xv = xs[y, x]
+    m, v0 = _reference_at(num, den, var0a, sums, y, x)
+    if np.isnan(xv) or np.isnan(m):
+        return np.float32(np.nan)
+    sd, _ = _noise(xv, m, v0, bg2, p, q)
+    return (xv - m) / sd
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def _flag_kernel(x, m, var0, s2m, flag, bg2, p, q, sig2, clip, grow, grow_clip, psf_margin,
                  scale_error, curvature_floor, reg):
     """The outlier test on whole arrays (the warm-up's test of each frame against the
-    median ``m`` of variance ``var0`` and PSF ``s2m``: the rule of the module doc, as
-    ``tests/stack_reference.py`` writes it in numpy): ``flag`` (uint8, zeros) gets 2 at
-    the outliers and 3 where they grew. Returns the number flagged."""
+    median ``m`` of variance ``var0`` and PSF ``s2m``): ``flag`` (uint8, zeros) gets 2
+    at the outliers and 3 where they grew. Returns the number flagged."""
     ny, nx = x.shape
-    zero = np.float32(0.0)
     clip2 = clip * clip
     n = 0
     for y in range(ny):
         for x0 in range(nx):
             rc = x[y, x0] - m[y, x0]
-            v0 = var0[y, x0]
-            if not rc * rc > (v0 + bg2) * clip2:  # the screen (NaN: no data)
+            if not rc * rc > (var0[y, x0] + bg2) * clip2:  # the screen (NaN: no data)
                 continue
-            sd, lo = _noise(x[y, x0], m[y, x0], v0, bg2, p, q)
-            tol = _psf_tolerance(rc, lo, s2m[y, x0], sig2, psf_margin, scale_error)
-            if reg > zero:
-                hi_v, lo_v, seen = -np.inf, np.inf, False
-                for dy in range(-1, 2):
-                    yy = min(max(y + dy, 0), ny - 1)
-                    for dx in range(-1, 2):
-                        xx = min(max(x0 + dx, 0), nx - 1)
-                        v = m[yy, xx]
-                        if np.isnan(v):
-                            v = x[yy, xx]
-                        if not np.isnan(v):
-                            seen = True
-                            hi_v, lo_v = max(hi_v, v), min(lo_v, v)
-                if not seen:
-                    continue
-                slope = np.float32(hi_v - lo_v) * np.float32(0.5)
-                slope -= curvature_floor * np.sqrt(v0)
-                tol += reg * max(slope, zero)
-            if abs(rc) - tol > clip * sd:
+            if not np.isnan(_outlier_z(y, x0, x, m, var0, var0, False, s2m, bg2, p, q, sig2,
+                                       clip, psf_margin, scale_error, curvature_floor, reg)):
                 flag[y, x0] = 2
                 n += 1
     if grow == 0 or n == 0:
@@ -651,13 +691,8 @@ def _flag_kernel(x, m, var0, s2m, flag, bg2, p, q, sig2, clip, grow, grow_clip, 
                 continue
             for yy in range(max(y - grow, 0), min(y + grow + 1, ny)):
                 for xx in range(max(x0 - grow, 0), min(x0 + grow + 1, nx)):
-                    if flag[yy, xx] != 0:
-                        continue
-                    xv, mv = x[yy, xx], m[yy, xx]
-                    if np.isnan(xv) or np.isnan(mv):
-                        continue
-                    sdn, _ = _noise(xv, mv, var0[yy, xx], bg2, p, q)
-                    if abs((xv - mv) / sdn) > grow_clip:
+                    if flag[yy, xx] == 0 and abs(
+                            _grown_z(yy, xx, x, m, var0, var0, False, bg2, p, q)) > grow_clip:
                         flag[yy, xx] = 3
                         n += 1
     return n
@@ -666,46 +701,23 @@ def _flag_kernel(x, m, var0, s2m, flag, bg2, p, q, sig2, clip, grow, grow_clip, 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _decide_kernel(ci, xs, ssum, wsum, psf2, count, disputes, act, mark, z, bg2, p, q, sig2,
                    clip, grow, grow_clip, psf_margin, scale_error, curvature_floor, reg):
-    """The running add's candidates ``ci`` (flat indices) judged in full, as
-    ``tests/stack_reference.py`` does with arrays (its rule, pixel for pixel, reading ``M`` from the
-    sums), grown, and their fate written to ``act``: the new value rejected
+    """The running add's candidates ``ci`` (flat indices) judged in full (reading ``M``
+    from the sums), grown, and their fate written to ``act``: the new value rejected
     (``_REJECT_UP``/``_REJECT_DOWN``) or the old one replaced (``_REPLACE``).
     ``mark`` (uint8, zeros) and ``z`` (float32, any) are scratch frames. Returns
     (rejected, replaced)."""
     ny, nx = xs.shape
-    one, zero = np.float32(1.0), np.float32(0.0)
+    zero = np.float32(0.0)
     flagged = np.empty(ci.size * (2 * grow + 1) ** 2, np.int64)
     nf = 0
     for k in range(ci.size):  # the full model at each candidate
         i = ci[k]
         y, x0 = i // nx, i % nx
-        x = xs[y, x0]
-        w = np.float32(wsum[y, x0])
-        m = np.float32(ssum[y, x0]) / w
-        var0 = one / w
-        rc = x - m
-        sd, lo = _noise(x, m, var0, bg2, p, q)
-        tol = _psf_tolerance(rc, lo, psf2[y, x0] * var0, sig2, psf_margin, scale_error)
-        if reg > zero:
-            hi_v, lo_v, seen = -np.inf, np.inf, False
-            for dy in range(-1, 2):
-                yy = min(max(y + dy, 0), ny - 1)
-                for dx in range(-1, 2):
-                    xx = min(max(x0 + dx, 0), nx - 1)
-                    v = np.float32(ssum[yy, xx]) / np.float32(wsum[yy, xx])
-                    if np.isnan(v):
-                        v = xs[yy, xx]
-                    if not np.isnan(v):
-                        seen = True
-                        hi_v, lo_v = max(hi_v, v), min(lo_v, v)
-            if not seen:
-                continue  # no slope: NaN tolerance, never an outlier
-            slope = np.float32(hi_v - lo_v) * np.float32(0.5)
-            slope -= curvature_floor * np.sqrt(var0)
-            tol += reg * max(slope, zero)
-        if abs(rc) - tol > clip * sd:
+        zi = _outlier_z(y, x0, xs, ssum, wsum, wsum, True, psf2, bg2, p, q, sig2, clip,
+                        psf_margin, scale_error, curvature_floor, reg)
+        if not np.isnan(zi):
             mark[y, x0] = 2
-            z[y, x0] = rc / sd
+            z[y, x0] = zi
             flagged[nf] = i
             nf += 1
     n_hits = nf
@@ -716,13 +728,7 @@ def _decide_kernel(ci, xs, ssum, wsum, psf2, count, disputes, act, mark, z, bg2,
             for xx in range(max(x0 - grow, 0), min(x0 + grow + 1, nx)):
                 if mark[yy, xx] != 0:
                     continue
-                x = xs[yy, xx]
-                w = np.float32(wsum[yy, xx])
-                m = np.float32(ssum[yy, xx]) / w
-                if np.isnan(x) or np.isnan(m):
-                    continue
-                sdn, _ = _noise(x, m, one / w, bg2, p, q)
-                zn = (x - m) / sdn
+                zn = _grown_z(yy, xx, xs, ssum, wsum, wsum, True, bg2, p, q)
                 if abs(zn) > grow_clip:
                     mark[yy, xx] = 3
                     z[yy, xx] = zn
@@ -758,7 +764,8 @@ def _decide_kernel(ci, xs, ssum, wsum, psf2, count, disputes, act, mark, z, bg2,
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _fold_kernel(xs, act, cov, has_cov, w0, ex_per_w, sig2, ssum, wsum, ex, ps, n,
                  dsp):
-    """Pass 2 of a running add: the sums, as the actions say (see :func:`_fold`)."""
+    """Pass 2 of an add: the sums, as the actions say (``_SKIP``, ``_ADD``, ``_REPLACE``,
+    ``_REJECT_UP``, ``_REJECT_DOWN``)."""
     ny, nx = xs.shape
     for i in prange(ny):
         for j in range(nx):
