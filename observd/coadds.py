@@ -69,9 +69,10 @@ class _Live:
     published: float = 0.0  # monotonic time of the last product write
     dirty: bool = False
     masters: set[int] = field(default_factory=set)
-    # the copy of the arrays for a checkpoint, running beside the next light: the coadd
-    # takes no frame until it is done
-    snapshot: Future[dict[str, Any]] | None = None
+    # the latest copy of the coadd's arrays (a checkpoint's, or the pixels of its
+    # products) running on the copier beside the next light: the coadd takes no frame
+    # until it is done (the copier runs them in order: the latest is the last)
+    snapshot: Future[Any] | None = None
 
 
 class Coadds:
@@ -333,7 +334,7 @@ class Coadds:
                 if any(_fits(spare, like) for spare in self._spares):
                     return
             try:
-                spare = {k: np.empty(shape, dtype) for k, (shape, dtype) in like.items()}
+                spare = _new_set(like)
                 for a in spare.values():
                     a.fill(0)  # touch every page now, not in a frame's wait
             except MemoryError:  # the checkpoint will allocate its copy itself
@@ -357,7 +358,7 @@ class Coadds:
             if spare is not None:
                 self._spares.remove(spare)
         if spare is None:
-            spare = {k: np.empty(shape, dtype) for k, (shape, dtype) in like.items()}
+            spare = _new_set(like)
         for k, a in arrays.items():
             np.copyto(spare[k], a)
         return {**state, **spare}, spare
@@ -521,6 +522,11 @@ class Coadds:
             render.to_png(rgb, path, max_size=max_size)
 
         self._background(write, lambda: None)
+
+
+def _new_set(like: dict[str, tuple[Any, Any]]) -> dict[str, np.ndarray]:
+    """Uninitialised arrays of these names, shapes and types."""
+    return {k: np.empty(shape, dtype) for k, (shape, dtype) in like.items()}
 
 
 def _fits(spare: dict[str, np.ndarray], like: dict[str, tuple[Any, Any]]) -> bool:
