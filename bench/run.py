@@ -202,6 +202,7 @@ def worker_observd(night: Path, work: Path, profile: str | None) -> dict[str, An
     used = fits.getheader(stack).get("NCOMBINE") if stack.exists() else None
     result = {"masters_s": calib, "light_times": lights, "light_cpu": cpu,
               "lights_s": sum(lights) + t_finish, "finish_s": t_finish,
+              "reserve_s": pipeline.reserve_seconds,
               "wall_s": time.perf_counter() - t_start, "rss": rss,
               "frames_used": used, "statuses": statuses,
               "stack": str(stack) if stack.exists() else None}  # fmt: skip
@@ -506,8 +507,9 @@ def default_run(args: argparse.Namespace, tmp: Path) -> str:
         f"{lat.data['finish_s']:.2f} s")  # fmt: skip
     say(f"- peak RSS: {lat.peak_mb:.0f} MB (process), {rss_mb:.0f} MB high-water after the "
         "last light")  # fmt: skip
-    say(f"- calibration frames: {lat.data['masters_s']:.1f} s in total; light statuses "
-        f"{lat.data['statuses']}")  # fmt: skip
+    say(f"- calibration frames: {lat.data['masters_s']:.1f} s in total, of which "
+        f"{lat.data.get('reserve_s', 0.0):.1f} s reserving the night's working memory at "
+        f"the first frame (observd.memory); light statuses {lat.data['statuses']}")  # fmt: skip
     say()
     say(f"## Side by side: {n_cmp} lights of {args.compare_size} px, same files, same run")
     say()

@@ -48,7 +48,7 @@ from observd.catalog import Catalog, json_text
 from observd.config import StackConfig
 from observd.products import Products, atomic_write, atomic_write_fits
 from observd.register import Grid
-from observd.stack import FrameInput, RunningCoadd, SkyFit, fit_sky
+from observd.stack import FrameInput, RunningCoadd, SkyFit, fit_sky, load_kernels
 
 __all__ = ["Coadds"]
 
@@ -290,6 +290,9 @@ class Coadds:
         key = (target["id"], filt)
         if key in self._live:
             return self._live[key]
+        # the compiled kernels of the seed and of the running add load beside this
+        # light and the next instead of in the seeding light (once per process)
+        self._copier.submit(load_kernels)
         rows = list(
             self.catalog.db["coadds"].rows_where(
                 "target_id = ? and filter = ?", [target["id"], filt]

@@ -8,9 +8,11 @@ use it, so a night re-run in the morning goes through exactly the code that ran 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from loguru import logger
 
 from observd.calibration import Calibrations
@@ -19,7 +21,7 @@ from observd.coadds import Coadds
 from observd.config import Config
 from observd.ingest import Ingested, ingest_file
 from observd.lights import Aligned, LightStage
-from observd.memory import keep_freed_memory
+from observd.memory import heap_bytes, keep_freed_memory, reserve_heap
 from observd.products import Products
 from observd.rawio import BadFrame, read_raw
 
@@ -29,6 +31,15 @@ CALIBRATION_TYPES = ("bias", "dark", "darkflat", "flat")
 
 Progress = Callable[[], None]
 """Called between the lights of a long rebuild (the daemon's watchdog ping)."""
+
+NIGHT_BYTES_PER_PIXEL = 300
+"""The process's heap at its high-water mark over a night, per pixel of the camera's
+frame: masters, one light's arrays, a coadd (sums, warm-up frames, a spare checkpoint
+set) and its products. Measured on simulated nights of one target: 303 B at 2048 px,
+307 B at 4096 px (``bench/run.py``). See :meth:`Pipeline.reserve_memory`."""
+
+RESERVE_SHARE = 0.5
+"""At most this share of the memory available when the reserve is made."""
 
 
 class Pipeline:
@@ -50,7 +61,34 @@ class Pipeline:
         self.calibrations = Calibrations(config.calibration, catalog, self.products)
         self.lights = LightStage(config, catalog, self.calibrations, stack=self._stack)
         self.coadds = Coadds(config.stack, catalog, self.products)
+        self._reserved_pixels = 0
+        self.reserve_seconds = 0.0  # time spent reserving working memory (benchmarks)
         self._resume_coadds()
+
+    def reserve_memory(self, shape: tuple[int, ...]) -> None:
+        """Have the heap hold the working memory of a night of frames of this shape
+        (:data:`NIGHT_BYTES_PER_PIXEL`), every page touched; once per larger size.
+
+        :meth:`process` calls it at the first frame of a size, at dusk a bias, where
+        nobody waits: otherwise the first lights of the first coadd grow the heap by
+        ~1.8 GB at 4096 px and wait for its page faults, 1-2 s each on a virtual machine
+        that hands free memory back to its host (see :mod:`observd.memory`).
+        """
+        pixels = int(np.prod(shape[-2:])) if len(shape) >= 2 else 0
+        if pixels <= self._reserved_pixels:
+            return
+        self._reserved_pixels = pixels
+        want = NIGHT_BYTES_PER_PIXEL * pixels
+        available = _available_memory()
+        if available is not None:
+            want = min(want, (heap_bytes() or 0) + int(RESERVE_SHARE * available))
+        t0 = time.perf_counter()
+        added = reserve_heap(want)
+        dt = time.perf_counter() - t0
+        self.reserve_seconds += dt
+        if added:
+            logger.info("working memory for {}x{} px frames: {:.1f} GB reserved in {:.1f} s",
+                        shape[-1], shape[-2], added / 2**30, dt)  # fmt: skip
 
     def process(self, path: str | Path) -> Ingested | None:
         """Take one settled file through the stages; None when it vanished first."""
@@ -63,6 +101,7 @@ class Pipeline:
             except (BadFrame, OSError) as exc:
                 logger.warning("{}: cannot be read again: {}", path, exc)
                 return result
+        self.reserve_memory(result.raw.data.shape)
         frame = self.catalog.frame(result.frame_id)
         if frame["type"] in CALIBRATION_TYPES:
             self._calibration_frame(frame, result)
@@ -276,3 +315,15 @@ class Pipeline:
         reason = f"{stage} failed: {type(exc).__name__}: {exc}"
         self.catalog.update_frame(frame["id"], {"status": "failed", "reason": reason})
         self.catalog.log_event(stage, "failed", reason, frame_id=frame["id"])
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -28,7 +28,7 @@ def outliers(
     q: float,
     s2m_at: Callable[[NDArray[np.intp]], NDArray[np.float32]],
 ) -> tuple[NDArray[np.bool_], NDArray[np.float32] | None]:
-    """Compare frame ``x`` with reference ``m`` (rows with their halo; NaN = no data).
+    """Compare frame ``x`` with reference ``m`` (whole arrays; NaN = no data).
 
     The reference's variance is ``var0 * (1 + q * m+)`` (``var0``: its background
     variance) and its PSF ``sigma^2`` at flat pixel indices ``s2m_at(i)``. A cheap

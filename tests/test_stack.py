@@ -13,7 +13,11 @@ rejection at all) is the ideal the coadd must equal.
 from __future__ import annotations
 
 import io
+import json
 import math
+import subprocess
+import sys
+import textwrap
 import warnings
 from dataclasses import replace
 
@@ -534,6 +538,15 @@ def test_warmup_kernel_flags_what_the_array_rule_flags(night, k):
     assert np.array_equal(np.where(cnt > 0, pick, np.nan), med, equal_nan=True)
     var0 = np.array([fr.bg2 for fr in frs], np.float32)[idx]
     s2m = np.array([fr.sig2 for fr in frs], np.float32)[idx]
+    # the seed's one-pass reference: the same median, its frame's noise (/ (2 n / pi)
+    # from three values on) and PSF
+    ref = [np.empty(med.shape, np.float32) for _ in range(3)]
+    stack._seed_reference_kernel(tuple(xs), np.array([fr.bg2 for fr in frs], np.float32),
+                                 np.array([fr.sig2 for fr in frs], np.float32), *ref)
+    assert np.array_equal(ref[0], med, equal_nan=True)
+    shrink = np.where(cnt >= 3, np.float32(np.pi / 2) / np.maximum(cnt, 1), 1).astype(np.float32)
+    assert np.allclose(ref[1], var0 * shrink, rtol=1e-6)
+    assert np.array_equal(ref[2], s2m)
     q = float(np.median([fr.p / fr.bg2 for fr in frs]))
     r = co._rules
     flagged = 0
@@ -576,3 +589,39 @@ def test_parallel_kernels_from_two_threads_at_once():
     assert numba.threading_layer() in ("tbb", "omp")
     assert coadds[0].n_frames == coadds[1].n_frames == 8
     assert np.array_equal(coadds[0].image, coadds[1].image, equal_nan=True)
+
+
+def test_load_kernels_covers_the_pipelines_argument_types():
+    """After :func:`observd.stack.load_kernels`, a coadd fed the way the pipeline feeds
+    it (ADU float32 frames, float32 coverage, a fitted sky) compiles nothing new: the
+    seeding light does not wait for numba."""
+    code = textwrap.dedent("""
+        import json
+        import numpy as np
+        from numba.core.registry import CPUDispatcher
+        from observd import stack
+        stack.load_kernels()
+        kernels = {n: k for n, k in vars(stack).items() if isinstance(k, CPUDispatcher)}
+        before = {n: len(k.signatures) for n, k in kernels.items()}
+        rng = np.random.default_rng(3)
+        co = stack.RunningCoadd((200, 300))
+        for i in range(6):
+            img = rng.normal(3000.0, 20.0, (200, 300)).astype(np.float32)
+            img[50, 60 + i] = 9000.0
+            cov = np.ones((200, 300), np.float32)
+            cov[:, :i] = 0.0
+            fit = stack.fit_sky(img)
+            sky = stack.SkyFit(tuple(c / 30.0 for c in fit.coeffs), fit.rms / 30.0, fit.shape)
+            co.add(stack.FrameInput(img, unit=1 / 30.0, sky_rms=sky.rms, exptime=30.0,
+                                    fwhm=3.1, frame_id=i, coverage=cov, sky=sky, gain=1.2))
+        co.image
+        after = {n: len(k.signatures) for n, k in kernels.items()}
+        print(json.dumps({"before": before, "after": after}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=600)  # fmt: skip
+    got = json.loads(out.stdout)
+    for name in ("_seed_reference_kernel", "_flag_kernel", "_fold_kernel", "_screen_kernel",
+                 "_gather_kernel", "_decide_kernel"):  # the warm-up's and the running add's
+        assert got["before"][name] >= 1, (name, got)
+    assert got["after"] == got["before"], got
