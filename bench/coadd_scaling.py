@@ -14,7 +14,8 @@ process (so the peak RSS is the pipeline's, not the simulator's), and prints:
   parts; the periodic parts (publish, checkpoint, colour picture) per event, the first
   three against the last three;
 - the process's peak RSS (``ru_maxrss``) and current RSS after light 20 and after the
-  last one.
+  last one, and the heap's blocks in use (the RSS is flat from the first frame, where
+  the pipeline reserves its working memory: a leak would show in the heap in use).
 
 Issue #7 (and #5's done-when) want light 200 <= 1.1 x light 10 and the peak RSS after
 200 within 10 % of that after 20. The machine this was written on was shared by six
@@ -35,14 +36,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rss_mb() -> tuple[float, float]:
-    """(peak, current) resident set size of this process, MB."""
+def _rss_mb() -> tuple[float, float, float]:
+    """(peak, current) resident set size of this process and the heap's blocks in use,
+    MB. The pipeline reserves its working memory at the first frame, so the RSS is flat
+    from there whatever happens below it; the heap in use is what a leak would grow."""
+    from observd.memory import heap_in_use
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     current = peak
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             current = int(line.split()[1]) / 1024.0
-    return peak, current
+    return peak, current, (heap_in_use() or 0) / 2**20
 
 
 def simulate(out: Path, size: int, lights: int) -> None:
@@ -187,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"last three {last * 1000:7.1f} ms, last/first {last / first:.3f}")  # fmt: skip
     rss = {int(k): v for k, v in figures["rss"].items()}
     for k in sorted(rss):
-        print(f"after light {k:4d}: peak RSS {rss[k][0]:7.1f} MB, current {rss[k][1]:7.1f} MB")
+        print(f"after light {k:4d}: peak RSS {rss[k][0]:7.1f} MB, current {rss[k][1]:7.1f} MB, "
+              f"heap in use {rss[k][2]:7.1f} MB")  # fmt: skip
     if 20 in rss:
-        print(f"peak RSS after {n} / after 20: {rss[n][0] / rss[20][0]:.3f}")
+        print(f"peak RSS after {n} / after 20: {rss[n][0] / rss[20][0]:.3f}; heap in use "
+              f"{rss[n][2] / rss[20][2]:.3f}")  # fmt: skip
     return 0
 
 

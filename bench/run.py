@@ -110,15 +110,19 @@ def observd_config(work: Path, camera: Path) -> Path:
 # --------------------------------------------------------------------------------------
 
 
-def _rss_kb() -> tuple[int, int]:
-    """(VmRSS, VmHWM) of this process in kB."""
+def _rss_kb() -> tuple[int, int, int]:
+    """(VmRSS, VmHWM) of this process and the heap's blocks in use, in kB (the RSS is
+    flat from the first frame, where the pipeline reserves its working memory: a leak
+    would show in the heap in use)."""
+    from observd.memory import heap_in_use
+
     values = {}
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(("VmRSS:", "VmHWM:")):
                 key, v = line.split(":")
                 values[key] = int(v.split()[0])
-    return values.get("VmRSS", 0), values.get("VmHWM", 0)
+    return values.get("VmRSS", 0), values.get("VmHWM", 0), (heap_in_use() or 0) // 1024
 
 
 STAGES: dict[str, list[tuple[str, str]]] = {
@@ -597,9 +601,10 @@ def scaling_run(args: argparse.Namespace, tmp: Path) -> str:
                f"{1000 * t200:.0f} ms (medians of the 10 lights up to each): ratio "
                f"{t200 / t10:.2f} (target <= 1.1); CPU time {1000 * c10:.0f} -> "
                f"{1000 * c200:.0f} ms: ratio {c200 / c10:.2f}")  # fmt: skip
+    use20, use_n = rss[k20 - 1][2] / 1024, rss[-1][2] / 1024
     out.append(f"- peak RSS after {k20} lights {hwm20:.0f} MB, after {n} {hwm_n:.0f} MB: "
                f"ratio {hwm_n / hwm20:.2f} (target <= 1.10); current RSS {rss20:.0f} -> "
-               f"{rss_n:.0f} MB")  # fmt: skip
+               f"{rss_n:.0f} MB; heap in use {use20:.0f} -> {use_n:.0f} MB")  # fmt: skip
     deciles = [float(np.median(part)) for part in np.array_split(times, min(10, n))]
     out.append("- median ms per tenth of the night: "
                + " ".join(f"{1000 * v:.0f}" for v in deciles))  # fmt: skip

@@ -34,7 +34,7 @@ import sys
 import numpy as np
 from loguru import logger
 
-__all__ = ["heap_bytes", "keep_freed_memory", "reserve_heap"]
+__all__ = ["heap_bytes", "heap_in_use", "keep_freed_memory", "reserve_heap"]
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -83,17 +83,29 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-def heap_bytes() -> int | None:
-    """Bytes the heap holds from the kernel (in use and kept free); None without glibc's
-    ``mallinfo2`` (glibc < 2.33 or another libc)."""
+def _mallinfo() -> _Mallinfo2 | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallinfo2 = libc.mallinfo2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # glibc < 2.33 or another libc
         return None
     mallinfo2.restype = _Mallinfo2
-    info = mallinfo2()
-    return int(info.arena + info.hblkhd)
+    return mallinfo2()
+
+
+def heap_bytes() -> int | None:
+    """Bytes the heap holds from the kernel (in use and kept free); None without glibc's
+    ``mallinfo2``."""
+    info = _mallinfo()
+    return None if info is None else int(info.arena + info.hblkhd)
+
+
+def heap_in_use() -> int | None:
+    """Bytes of the heap's blocks in use (of the arenas of glibc; all threads share one
+    after :func:`keep_freed_memory`): what a leak would grow, whatever the reserve holds
+    resident; None without glibc's ``mallinfo2``."""
+    info = _mallinfo()
+    return None if info is None else int(info.uordblks + info.hblkhd)
 
 
 def reserve_heap(total: int) -> int:
