@@ -283,6 +283,8 @@ class Coadds:
                 logger.exception("writing a coadd product or checkpoint failed")
                 continue
             record()
+        if wait:  # and what the records queued (old checkpoints removed): the writer
+            self._writer.submit(lambda: None).result()  # runs its tasks in order
 
     # ----------------------------------------------------------------- state
 
@@ -403,7 +405,8 @@ class Coadds:
             )
             old = row.get("checkpoint")
             if old and old != str(path):
-                Path(old).unlink(missing_ok=True)
+                # on the writer: unlinking 0.45 GB (4096 px) took the light 0.2 s
+                self._writer.submit(_remove, Path(old))
 
         def write() -> None:
             copied, spare = snapshot.result()
@@ -525,6 +528,14 @@ class Coadds:
             render.to_png(rgb, path, max_size=max_size)
 
         self._background(write, lambda: None)
+
+
+def _remove(path: Path) -> None:
+    """Delete a superseded checkpoint (on the writer thread; a failure is logged)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("could not remove the old checkpoint {}: {}", path, exc)
 
 
 def _new_set(like: dict[str, tuple[Any, Any]]) -> dict[str, np.ndarray]:

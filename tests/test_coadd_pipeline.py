@@ -155,6 +155,18 @@ def test_every_target_and_filter_has_a_stack_and_a_colour_picture(night):
         assert rgb.mode == "RGB" and min(rgb.size) >= truth.camera.size // 2
 
 
+def test_only_the_latest_checkpoint_of_each_coadd_is_kept(night):
+    """A coadd checkpointed again (every 5 frames, and at the end) leaves one file: the
+    one the catalog names (the older ones are removed on the writer thread)."""
+    _, catalog, stacks, _, pipeline = night
+    rows = list(catalog.db["coadds"].rows)
+    named = {Path(r["checkpoint"]) for r in rows}
+    assert len(named) == len(rows) and all(p.is_file() for p in named)
+    assert max(r["n_frames"] for r in rows) > 5  # some coadd was checkpointed twice
+    on_disk = set(pipeline.products.state_dir().glob("coadd_*.npz"))
+    assert on_disk == named
+
+
 def test_coadd_is_as_sharp_as_its_frames(night):
     truth, catalog, stacks, bounds, _ = night
     ratios = []
