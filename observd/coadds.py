@@ -294,7 +294,7 @@ class Coadds:
             return self._live[key]
         # the compiled kernels of the seed and of the running add load beside this
         # light and the next instead of in the seeding light (once per process)
-        self._copier.submit(load_kernels)
+        self._copier.submit(load_kernels, self.config.warmup)
         rows = list(
             self.catalog.db["coadds"].rows_where(
                 "target_id = ? and filter = ?", [target["id"], filt]

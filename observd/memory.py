@@ -101,9 +101,8 @@ def heap_bytes() -> int | None:
 
 
 def heap_in_use() -> int | None:
-    """Bytes of the heap's blocks in use (of the arenas of glibc; all threads share one
-    after :func:`keep_freed_memory`): what a leak would grow, whatever the reserve holds
-    resident; None without glibc's ``mallinfo2``."""
+    """Bytes of the heap's blocks in use (all of glibc's arenas): what a leak would grow,
+    whatever the reserve holds resident; None without glibc's ``mallinfo2``."""
     info = _mallinfo()
     return None if info is None else int(info.uordblks + info.hblkhd)
 

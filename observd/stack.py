@@ -889,36 +889,37 @@ def _seed_reference_kernel(xs, bg2, sig2, med, var0, s2m):
             s2m[i, j] = sig2[f]
 
 
-_kernels_loaded = False
+_kernels_loaded: set[int] = set()  # the warm-up lengths done
 
 
-def load_kernels() -> None:
-    """Load (or compile) every compiled kernel of the coadd now, by taking a small
-    coadd through its warm-up and a running add with the argument types of the pipeline.
+def load_kernels(warmup: int = 3) -> None:
+    """Load (or compile) every compiled kernel of a coadd with this warm-up now, by taking
+    a small coadd through it, its picture after every frame, and running adds, with the
+    argument types of the pipeline.
 
     numba loads a kernel from its disk cache on the first call, ~0.5 s for the warm-up's
-    and again for the running add's at the first coadd of a process: the seeding light
-    and the one after it waited for that. :class:`observd.coadds.Coadds` calls this on a
-    background thread when it makes its first coadd. Once per process.
+    and again for the running add's at the first coadd of a process (and the warm-up's
+    kernels once more for each number of buffered frames, which they take as a tuple):
+    the first lights waited for that. :class:`observd.coadds.Coadds` calls this on a
+    background thread when it makes a coadd. Once per process and warm-up length.
     """
-    global _kernels_loaded
-    if _kernels_loaded:
+    if warmup in _kernels_loaded:
         return
     rng = np.random.default_rng(0)
     n = 48
-    co = RunningCoadd((n, n), warmup=3)
-    for k in range(5):
+    co = RunningCoadd((n, n), warmup=warmup)
+    for k in range(warmup + 2):
         img = rng.normal(6000.0, 30.0, (n, n)).astype(F32)
-        img[20, 20 + k] += 3000.0  # an outlier for the tests to judge
+        img[20, 20 + k % 8] += 3000.0  # an outlier for the tests to judge
         cov = np.ones((n, n), F32)
-        cov[:, : k + 1] = 0.0
+        cov[:, : k % 8 + 1] = 0.0
         fit = fit_sky(img)
         unit = 1.0 / 60.0
         sky = SkyFit(tuple(c * unit for c in fit.coeffs), fit.rms * unit, fit.shape)
         co.add(FrameInput(img, sky_rms=sky.rms, exptime=60.0, fwhm=3.0, frame_id=k,
                           coverage=cov, sky=sky, gain=1.5, unit=unit))  # fmt: skip
-    co.image  # noqa: B018 (the picture's kernels too)
-    _kernels_loaded = True
+        co.image  # noqa: B018 (the picture, during the warm-up a joint combination)
+    _kernels_loaded.add(warmup)
 
 
 # ------------------------------------------------------------------- the coadd

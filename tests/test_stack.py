@@ -593,8 +593,8 @@ def test_parallel_kernels_from_two_threads_at_once():
 
 def test_load_kernels_covers_the_pipelines_argument_types():
     """After :func:`observd.stack.load_kernels`, a coadd fed the way the pipeline feeds
-    it (ADU float32 frames, float32 coverage, a fitted sky) compiles nothing new: the
-    seeding light does not wait for numba."""
+    it (ADU float32 frames, float32 coverage, a fitted sky) and pictured after every
+    frame compiles nothing new: the first lights do not wait for numba."""
     code = textwrap.dedent("""
         import json
         import numpy as np
@@ -614,7 +614,7 @@ def test_load_kernels_covers_the_pipelines_argument_types():
             sky = stack.SkyFit(tuple(c / 30.0 for c in fit.coeffs), fit.rms / 30.0, fit.shape)
             co.add(stack.FrameInput(img, unit=1 / 30.0, sky_rms=sky.rms, exptime=30.0,
                                     fwhm=3.1, frame_id=i, coverage=cov, sky=sky, gain=1.2))
-        co.image
+            co.image  # published after every frame, from 1 buffered frame on
         after = {n: len(k.signatures) for n, k in kernels.items()}
         print(json.dumps({"before": before, "after": after}))
     """)
