@@ -4,10 +4,10 @@ Usage: python bench/calibration_refresh.py [--size 4096] [--frames 30]
 
 Simulates a night of biases only, then takes the frames one by one through the real
 pipeline (read, hash, header, catalog, running master, master FITS written
-atomically, camera health) and prints the wall time of each refresh. The working memory
-the pipeline reserves at its first frame of a size is reserved before the clock starts. The issue's
-target: the 30th refresh costs at most 1.2 x the 1st (the master is refreshed in
-constant time, not recombined).
+atomically, camera health) and prints the wall time of each refresh. The working
+memory the pipeline reserves at its first frame of a size is reserved before the clock
+starts. The issue's target: the 30th refresh costs at most 1.2 x the 1st (the master is
+refreshed in constant time, not recombined).
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def test_every_target_and_filter_has_a_stack_and_a_colour_picture(night):
 def test_only_the_latest_checkpoint_of_each_coadd_is_kept(night):
     """A coadd checkpointed again (every 5 frames, and at the end) leaves one file: the
     one the catalog names (the older ones are removed on the writer thread)."""
-    _, catalog, stacks, _, pipeline = night
+    _, catalog, _, _, pipeline = night
     rows = list(catalog.db["coadds"].rows)
     named = {Path(r["checkpoint"]) for r in rows}
     assert len(named) == len(rows) and all(p.is_file() for p in named)
