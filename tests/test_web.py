@@ -486,6 +486,42 @@ def test_the_daemon_box_follows_the_daemon_live(night, server, browser):
     assert up < 2 and down < 2
 
 
+def test_parts_changed_while_rendered_carry_no_signature(night):
+    """A state file written while /parts renders, then removed again (A -> B -> A): the
+    stream's signature is A's again, so parts labelled A but showing B would stay on the
+    page for good (seen under load: the daemon box never went back to "down"). Parts
+    whose state changed while they were made carry no signature: the page asks again."""
+    from starlette.requests import Request
+
+    from observd.web.app import _sig_hash, create_app
+
+    dome = create_app(night["config"]).state.dome
+    state = night["config"].paths.products / "state" / "daemon.json"
+    request = Request({"type": "http", "method": "GET", "path": "/parts", "query_string": b"",
+                       "headers": []})  # fmt: skip
+    render = dome.view
+    before = _sig_hash(dome.signature(None))
+
+    def view_while_the_daemon_starts(n, **kw):
+        now = datetime.now(UTC).isoformat()
+        state.write_text(json.dumps({"pid": 1, "started": now, "updated": now,
+                                     "state": "running", "queue": 0, "processed": 5,
+                                     "failed": 0, "night": NIGHT}))  # fmt: skip
+        return render(n, **kw)
+
+    try:
+        dome.view = view_while_the_daemon_starts
+        changed = json.loads(dome.parts_json(request).body)
+    finally:
+        dome.view = render
+        state.unlink(missing_ok=True)
+    assert '"pill up">running<' in changed["parts"]["daemon"]  # the newer state, shown
+    assert changed["sig"] is None  # but not labelled with the older signature
+    assert _sig_hash(dome.signature(None)) == before  # A again: the premise of the bug
+    settled = json.loads(dome.parts_json(request).body)
+    assert settled["sig"] == before and '"pill down">down<' in settled["parts"]["daemon"]
+
+
 def test_the_event_stream_repeats_the_signature_the_parts_carry(night, server):
     """A page that fetched its parts between two polls converges: every event carries the
     signature, and /parts says which signature it was rendered at."""

@@ -277,8 +277,13 @@ class DomeApp:
 
     def parts_json(self, request: Request) -> Response:
         night = _night(request)
-        sig = _sig_hash(self.signature(night))  # before the view: never newer than it
+        before = self.signature(night)  # before the view: never newer than it
         view = self.view(night)
+        # changed while the view was made: the parts may show a state newer than
+        # ``before``, and if it changes back (a daemon state file written, then removed)
+        # the stream's signature would equal ``before`` again and the page would keep
+        # the newer parts for good. No signature: the page asks again at the next event.
+        sig = _sig_hash(before) if self.signature(night) == before else None
         return JSONResponse(
             {"night": view["night"], "sig": sig, "parts": self.parts(view)},
             headers={"Cache-Control": "no-store"},
