@@ -105,9 +105,10 @@ Cost
     bytes read or written per pixel), the same for frame 10 and frame 200, against 60
     and 210 ms for the numpy passes it replaced (identical decisions, sums within float
     rounding). The first add of a process compiles the kernels (a few seconds; cached on
-    disk afterwards). The warm-up's joint combination (once per coadd) runs in row
-    chunks with a compiled lower median and test: ~1.5 s at 4096 px, plus the first
-    touch of the state's memory.
+    disk afterwards; :func:`load_kernels` loads them ahead). The warm-up's joint
+    combination (once per coadd) is three kinds of whole-grid pass: the reference (the
+    lower median by rank), the test of each frame, and one fold of all the frames:
+    ~0.35 s at 4096 px.
 """
 
 from __future__ import annotations
@@ -115,10 +116,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -286,21 +285,6 @@ def _row_chunks(ny: int, nx: int) -> Iterator[slice]:
     rows = max(16, _CHUNK_PIXELS // max(1, nx))
     for r0 in range(0, ny, rows):
         yield slice(r0, min(ny, r0 + rows))
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _parallel(fn: Callable[[slice], Any], chunks: list[slice]) -> list[Any]:
-    """``[fn(rs) for rs in chunks]`` on a small thread pool (one thread per core, at
-    most 4: the passes are bound by memory bandwidth beyond that)."""
-    global _POOL
-    if len(chunks) < 2:
-        return [fn(rs) for rs in chunks]
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
-                                   thread_name_prefix="observd-stack")  # fmt: skip
-    return list(_POOL.map(fn, chunks))
 
 
 def _subsample(shape: tuple[int, int]) -> tuple[slice, slice]:
@@ -820,23 +804,11 @@ def _seed_fold_kernel(xs, covs, hits, w0, ex_per_w, sig2, ssum, wsum, ex, ps, n,
                 dsp[i, j] = 0
 
 
-def _lower_median(xs: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.intp],
-                                                   NDArray[np.intp]]:
-    """Per-pixel lower median of a small stack with NaNs (the minimum of two values, so a
-    positive outlier in one of two never wins): (value, the first frame holding it, count
-    of finite values). NaN and frame 0 where no frame has data."""
-    k, ny, nx = xs.shape
-    val = np.empty((ny, nx), F32)
-    idx = np.empty((ny, nx), np.intp)
-    cnt = np.empty((ny, nx), np.intp)
-    _lower_median_kernel(np.ascontiguousarray(xs, dtype=F32), val, idx, cnt)
-    return val, idx, cnt
-
-
 @njit(cache=True, nogil=True, inline="always")
 def _lower_median_at(xs, i, j):
-    """The lower median of pixel ``(i, j)`` over the frames ``xs`` (a 3-d array or a
-    tuple of 2-d ones): (value, the first frame holding it, count of finite values).
+    """The lower median of pixel ``(i, j)`` over the frames ``xs`` (a tuple of 2-d
+    arrays; the minimum of two values, so a positive outlier in one of two never wins):
+    (value, the first frame holding it, count of finite values).
 
     By rank, not by sorting: the value with ``(n - 1) // 2`` finite values before it in
     the stable order. A handful of frames needs no buffer, and there is no data-dependent
@@ -864,14 +836,6 @@ def _lower_median_at(xs, i, j):
                 if xs[g][i, j] == v:
                     return v, g, n
     return np.float32(np.nan), 0, n  # not reached
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _lower_median_kernel(xs, val, idx, cnt):
-    k, ny, nx = xs.shape
-    for i in prange(ny):
-        for j in range(nx):
-            val[i, j], idx[i, j], cnt[i, j] = _lower_median_at(xs, i, j)
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
